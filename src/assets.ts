@@ -1,0 +1,51 @@
+// Digests of repo files a stage reads (dracut modules, overlays): they are part
+// of the cache key, so editing a module's script rebuilds the initramfs.
+import { createHash } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { PACKAGE_ROOT } from './kinds.js';
+
+/** Where an asset path resolves: next to the spec first, then the pipeline package. */
+export async function resolveAsset(rel: string, specDir: string): Promise<string | undefined> {
+  for (const base of [specDir, PACKAGE_ROOT]) {
+    const abs = path.resolve(base, rel);
+    try {
+      await fs.lstat(abs);
+      return abs;
+    } catch {
+      /* try the next base */
+    }
+  }
+  return undefined;
+}
+
+/** sha256 over (relative path, type, exec bit, content) of every entry, sorted. */
+export async function digestTree(abs: string): Promise<string> {
+  const h = createHash('sha256');
+  const walk = async (p: string, rel: string) => {
+    const st = await fs.lstat(p);
+    if (st.isSymbolicLink()) h.update(`L ${rel} ${await fs.readlink(p)}\n`);
+    else if (st.isDirectory()) {
+      h.update(`D ${rel}\n`);
+      for (const n of (await fs.readdir(p)).sort()) await walk(path.join(p, n), rel ? `${rel}/${n}` : n);
+    } else if (st.isFile()) {
+      const c = createHash('sha256').update(await fs.readFile(p)).digest('hex');
+      h.update(`F ${rel} ${st.mode & 0o111 ? 'x' : '-'} ${c}\n`);
+    }
+  };
+  await walk(abs, '');
+  return h.digest('hex');
+}
+
+export async function assetDigests(assets: string[], specDir: string): Promise<{ digests: Record<string, string>; missing: string[] }> {
+  const digests: Record<string, string> = {};
+  const missing: string[] = [];
+  await Promise.all(
+    assets.map(async (a) => {
+      const abs = await resolveAsset(a, specDir);
+      if (!abs) missing.push(a);
+      else digests[a] = await digestTree(abs);
+    }),
+  );
+  return { digests, missing: missing.sort() };
+}

@@ -1,0 +1,47 @@
+// Stage kinds are discovered, not registered: every module in stages/ and
+// outputs/ that default-exports a StageModule is a kind. Adding one never
+// touches the engine.
+import { readdirSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { StageModule } from './stage.js';
+
+export type Kinds = Map<string, StageModule>;
+
+/** The package root (works from src/ under tsx and from dist/src/ when compiled). */
+export const PACKAGE_ROOT = (() => {
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  const up = path.resolve(here, '..');
+  return path.basename(up) === 'dist' ? path.resolve(up, '..') : up;
+})();
+
+const CODE_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+
+let cached: Promise<Kinds> | undefined;
+
+export function loadKinds(): Promise<Kinds> {
+  cached ??= discover();
+  return cached;
+}
+
+async function discover(): Promise<Kinds> {
+  const kinds: Kinds = new Map();
+  const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
+  for (const dir of ['stages', 'outputs']) {
+    const abs = path.join(CODE_ROOT, dir);
+    let files: string[] = [];
+    try {
+      files = readdirSync(abs).filter((f) => f.endsWith(ext) && !f.endsWith('.d.ts') && !f.startsWith('_')).sort();
+    } catch {
+      continue;
+    }
+    const mods = await Promise.all(files.map((f) => import(new URL(`file://${path.join(abs, f)}`).href)));
+    mods.forEach((m, i) => {
+      const mod = m.default as StageModule | undefined;
+      if (!mod || typeof mod.run !== 'function' || !mod.kind) throw new Error(`${dir}/${files[i]}: does not default-export a stage module (defineStage({...}))`);
+      if (kinds.has(mod.kind)) throw new Error(`${dir}/${files[i]}: kind "${mod.kind}" is defined twice`);
+      kinds.set(mod.kind, mod);
+    });
+  }
+  return kinds;
+}

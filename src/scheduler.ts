@@ -1,0 +1,233 @@
+// Runs a plan: every stage whose inputs are ready runs at once, bounded by
+// --jobs, with heavy stages (chroots, big downloads) limited further. A stage
+// that is cached is not run, and nothing upstream of a cached stage is even
+// looked at unless something downstream of it must be rebuilt.
+import { createWriteStream, promises as fs, type WriteStream } from 'node:fs';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import pLimit from 'p-limit';
+import { Cache, CacheCorruptError, type Entry } from './cache.js';
+import type { Plan, PlanStage } from './compile.js';
+import { BuildError } from './errors.js';
+import { runProcess } from './exec.js';
+import { safeRemove } from './fsutil.js';
+import { StageError, type ExecOptions, type RunContext, type StageInput } from './stage.js';
+
+export type StageStatus = 'cached' | 'built' | 'failed' | 'cancelled' | 'unused';
+
+export interface StageResult {
+  name: string;
+  kind: string;
+  key: string;
+  status: StageStatus;
+  /** Wall seconds spent running the stage (0 when cached). */
+  seconds: number;
+  /** Offsets from the start of the run, for overlap analysis. */
+  startedAt?: number;
+  endedAt?: number;
+  logFile?: string;
+}
+
+export interface Reporter {
+  start(stage: PlanStage): void;
+  done(stage: PlanStage, result: StageResult): void;
+  line?(stage: PlanStage, line: string): void;
+}
+
+export interface RunOptions {
+  cache: Cache;
+  specDir: string;
+  jobs: number;
+  heavyJobs?: number;
+  signal?: AbortSignal;
+  reporter?: Reporter;
+  logDir: string;
+}
+
+export interface RunOutcome {
+  results: StageResult[];
+  /** Entries of every stage that is available (sinks always). */
+  entries: Map<string, Entry>;
+  seconds: number;
+}
+
+/** Which stages must run: walk back from the sinks, descending only through misses. */
+export function stagesToRun(plan: Plan, hits: ReadonlySet<string>): { run: Set<string>; needed: Set<string> } {
+  const needed = new Set(Object.values(plan.sinks).flat());
+  const run = new Set<string>();
+  for (const st of [...plan.stages].reverse()) {
+    if (!needed.has(st.name)) continue;
+    if (hits.has(st.name)) continue;
+    run.add(st.name);
+    for (const ref of Object.values(st.inputs)) needed.add(ref);
+  }
+  return { run, needed };
+}
+
+export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome> {
+  const t0 = performance.now();
+  const { cache } = opts;
+  const controller = new AbortController();
+  const onOuterAbort = () => controller.abort(opts.signal?.reason);
+  opts.signal?.addEventListener('abort', onOuterAbort, { once: true });
+
+  const entries = new Map<string, Entry>();
+  await Promise.all(
+    plan.stages.map(async (st) => {
+      const e = await cache.lookup(st.key);
+      if (e) entries.set(st.name, e);
+    }),
+  );
+  // Verify the hits we will actually use; a corrupt one becomes a miss, which may
+  // pull in its inputs, so repeat until stable.
+  let sel = stagesToRun(plan, new Set(entries.keys()));
+  for (;;) {
+    let changed = false;
+    for (const name of sel.needed) {
+      const e = entries.get(name);
+      if (!e || sel.run.has(name)) continue;
+      try {
+        await cache.verify(e);
+      } catch (err) {
+        if (!(err instanceof CacheCorruptError)) throw err;
+        opts.reporter?.line?.(plan.stages.find((s) => s.name === name)!, `warning: ${err.message}`);
+        entries.delete(name);
+        changed = true;
+      }
+    }
+    if (!changed) break;
+    sel = stagesToRun(plan, new Set(entries.keys()));
+  }
+
+  const results = new Map<string, StageResult>();
+  for (const st of plan.stages) {
+    results.set(st.name, { name: st.name, kind: st.kind, key: st.key, status: sel.run.has(st.name) ? 'cancelled' : entries.has(st.name) ? 'cached' : 'unused', seconds: 0 });
+  }
+  for (const st of plan.stages) if (!sel.run.has(st.name)) opts.reporter?.done(st, results.get(st.name)!);
+
+  const limit = pLimit(Math.max(1, opts.jobs));
+  const heavy = pLimit(Math.max(1, opts.heavyJobs ?? 1));
+  const promises = new Map<string, Promise<Entry>>();
+  let firstError: unknown;
+
+  const byName = new Map(plan.stages.map((s) => [s.name, s]));
+  const get = (name: string): Promise<Entry> => {
+    const existing = promises.get(name);
+    if (existing) return existing;
+    const st = byName.get(name)!;
+    let p: Promise<Entry>;
+    if (!sel.run.has(name)) {
+      p = Promise.resolve(entries.get(name)!);
+    } else {
+      p = (async () => {
+        const inputs = await Promise.all(Object.entries(st.inputs).map(async ([k, ref]) => [k, await get(ref)] as const));
+        const go = () => limit(() => runStage(plan, st, Object.fromEntries(inputs), opts, controller.signal, results, t0));
+        const entry = await (st.heavy ? heavy(go) : go());
+        entries.set(name, entry);
+        return entry;
+      })();
+      p.catch((e) => {
+        // The first failure is the cause; whatever fails after the abort was cancelled by it.
+        if (firstError === undefined && !controller.signal.aborted) firstError = e;
+        controller.abort(e);
+      });
+    }
+    promises.set(name, p);
+    return p;
+  };
+  const all = plan.stages.filter((s) => sel.run.has(s.name)).map((s) => get(s.name));
+  const settled = await Promise.allSettled(all);
+  opts.signal?.removeEventListener('abort', onOuterAbort);
+  const seconds = (performance.now() - t0) / 1000;
+  const list = plan.stages.map((s) => results.get(s.name)!);
+  if (settled.some((s) => s.status === 'rejected')) {
+    if (opts.signal?.aborted && firstError === undefined) throw new BuildError('build interrupted; running stages were stopped and nothing partial was kept');
+    const err = firstError ?? settled.find((s) => s.status === 'rejected')!;
+    const failed = list.find((r) => r.status === 'failed');
+    const msg = err instanceof Error ? err.message : String(err);
+    const tail = err instanceof StageError ? err.logTail : '';
+    throw Object.assign(new BuildError(failed ? `stage ${failed.name} (${failed.kind}) failed: ${msg}` : msg, tail + (failed?.logFile ? `\nfull log: ${failed.logFile}` : '')), { results: list });
+  }
+  return { results: list, entries, seconds };
+}
+
+async function runStage(
+  plan: Plan,
+  st: PlanStage,
+  inputs: Record<string, Entry>,
+  opts: RunOptions,
+  signal: AbortSignal,
+  results: Map<string, StageResult>,
+  t0: number,
+): Promise<Entry> {
+  if (signal.aborted) throw new StageError('cancelled before start');
+  const { cache } = opts;
+  const res = results.get(st.name)!;
+  const start = performance.now();
+  res.startedAt = (start - t0) / 1000;
+  opts.reporter?.start(st);
+  const outDir = await cache.staging(`out-${st.name}`);
+  const workDir = await cache.staging(`work-${st.name}`);
+  await fs.mkdir(opts.logDir, { recursive: true });
+  const logFile = path.join(opts.logDir, `${st.name}.log`);
+  res.logFile = logFile;
+  const log: WriteStream = createWriteStream(logFile);
+  const tail: string[] = [];
+  const write = (text: string) => {
+    log.write(text);
+    for (const l of text.split('\n')) {
+      if (!l) continue;
+      tail.push(l);
+      if (tail.length > 60) tail.shift();
+      opts.reporter?.line?.(st, l);
+    }
+  };
+  let meta: Record<string, unknown> = {};
+  try {
+    const stageInputs: Record<string, StageInput> = {};
+    for (const [k, e] of Object.entries(inputs)) {
+      const dir = await cache.materialize(e);
+      stageInputs[k] = { dir, files: e.files.map((f) => f.path), meta: e.meta, key: e.key, kind: e.kind };
+    }
+    const env = { SOURCE_DATE_EPOCH: String(plan.sourceDateEpoch), LC_ALL: 'C.UTF-8', TZ: 'UTC' };
+    const ctx: RunContext<unknown> = {
+      name: st.name,
+      arch: plan.arch,
+      params: st.params,
+      sourceDateEpoch: plan.sourceDateEpoch,
+      outDir,
+      workDir,
+      inputs: stageInputs,
+      specDir: opts.specDir,
+      signal,
+      exec: (cmd: string, args: string[], o: ExecOptions = {}) => {
+        write(`$ ${[cmd, ...args].map(quoteForLog).join(' ')}\n`);
+        return runProcess(cmd, args, { ...o, env: { ...env, ...o.env }, signal, onOutput: write, logTail: () => tail.join('\n') });
+      },
+      log: (l: string) => write(l.endsWith('\n') ? l : l + '\n'),
+      setMeta: (m: Record<string, unknown>) => {
+        meta = { ...meta, ...m };
+      },
+    };
+    await st.mod.run(ctx);
+    if (signal.aborted) throw new StageError('cancelled');
+    const entry = await cache.commit(st.key, st.name, st.parts, outDir, JSON.parse(JSON.stringify(meta)));
+    res.status = 'built';
+    return entry;
+  } catch (e) {
+    res.status = signal.aborted ? 'cancelled' : 'failed';
+    if (e instanceof StageError) throw new StageError(e.message, e.logTail || tail.join('\n'));
+    throw new StageError(e instanceof Error ? e.message : String(e), tail.join('\n'));
+  } finally {
+    const end = performance.now();
+    res.seconds = (end - start) / 1000;
+    res.endedAt = (end - t0) / 1000;
+    await new Promise<void>((r) => log.end(r));
+    await Promise.all([safeRemove(outDir), safeRemove(workDir)]);
+    opts.reporter?.done(st, res);
+  }
+}
+
+function quoteForLog(a: string): string {
+  return /^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`;
+}
