@@ -5,18 +5,23 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { PACKAGE_ROOT } from './kinds.js';
 
-/** Where an asset path resolves: next to the spec first, then the pipeline package. */
-export async function resolveAsset(rel: string, specDir: string): Promise<string | undefined> {
-  for (const base of [specDir, PACKAGE_ROOT]) {
-    const abs = path.resolve(base, rel);
-    try {
-      await fs.lstat(abs);
-      return abs;
-    } catch {
-      /* try the next base */
-    }
+/** Asset paths with this prefix name files shipped in the pipeline package itself. */
+export const PACKAGE_ASSET = 'pipeline:';
+
+/** A package asset's name: relative, so cache keys do not depend on where pipeline is installed. */
+export function packageAsset(abs: string): string {
+  return PACKAGE_ASSET + path.relative(PACKAGE_ROOT, abs);
+}
+
+/** Where an asset resolves: `pipeline:<path>` in the package, anything else next to the spec. */
+export async function resolveAsset(name: string, specDir: string): Promise<string | undefined> {
+  const abs = name.startsWith(PACKAGE_ASSET) ? path.resolve(PACKAGE_ROOT, name.slice(PACKAGE_ASSET.length)) : path.resolve(specDir, name);
+  try {
+    await fs.lstat(abs);
+    return abs;
+  } catch {
+    return undefined;
   }
-  return undefined;
 }
 
 /** sha256 over (relative path, type, exec bit, content) of every entry, sorted. */

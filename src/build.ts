@@ -12,7 +12,11 @@ import { loadKinds, PACKAGE_ROOT, type Kinds } from './kinds.js';
 import { publish, type Published } from './publish.js';
 import { runPlan, type Reporter, type RunOutcome } from './scheduler.js';
 import { loadSpecFile, type LoadedSpec } from './spec.js';
-import { aptLine, toolVersions } from './tools.js';
+import { aptInstallLine, preflight } from './doctor.js';
+import { debianArch, toolVersions } from './probe.js';
+
+/** Same name as in signing.ts, repeated so this module need not load sigstore. */
+const SIGNING_KEY_ENV = 'PIPELINE_SIGNING_KEY';
 
 export const VERSION: string = JSON.parse(readFileSync(path.join(PACKAGE_ROOT, 'package.json'), 'utf8')).version;
 
@@ -51,7 +55,7 @@ export function allVariants(loaded: LoadedSpec, arch: string): string[] {
     .map(([n]) => n);
 }
 
-export async function prepare(opts: CommonOptions & { arch: string; variants: string[]; all?: boolean }): Promise<Prepared> {
+export async function prepare(opts: CommonOptions & { arch: string; variants: string[]; all?: boolean; forRun?: boolean }): Promise<Prepared> {
   const { kinds, loaded } = await loadSpec(opts.file);
   const variants = opts.all ? allVariants(loaded, opts.arch) : opts.variants;
   const cache = new Cache(opts.cacheDir ? path.resolve(opts.cacheDir) : defaultCacheRoot());
@@ -59,11 +63,18 @@ export async function prepare(opts: CommonOptions & { arch: string; variants: st
   const req = requirements(loaded, opts.arch, variants, kinds);
   const [{ epoch, source }, tv, assets] = await Promise.all([
     resolveEpoch(loaded.file, loaded.spec.source_date_epoch),
-    toolVersions(req.tools, path.join(cache.root, 'tools.json')),
+    toolVersions(req.tools, cache.root),
     assetDigests(req.assets, loaded.dir),
   ]);
   if (tv.missing.length) {
-    throw new UsageError(`missing tools: ${tv.missing.map((t) => t.name).join(', ')}\n  fix: ${aptLine(tv.missing)}`);
+    // A build that cannot run fails before it starts; plan/explain still show the DAG.
+    if (opts.forRun) throw new UsageError(`missing tools: ${tv.missing.map((t) => t.name).join(', ')}\n  fix: ${aptInstallLine(tv.missing)}`);
+    for (const t of tv.missing) tv.versions[t.name] = 'missing';
+  }
+  if (tv.failed.length) {
+    const f = tv.failed.map((t) => `${t.name} (${t.error ?? 'printed no version'})`).join(', ');
+    if (opts.forRun) throw new UsageError(`cannot read the version of: ${f}; versions are part of cache keys`);
+    for (const t of tv.failed) tv.versions[t.name] ??= 'unknown';
   }
   if (assets.missing.length) {
     throw new SpecError(
@@ -85,8 +96,8 @@ export interface BuildOptions extends CommonOptions {
   jobs?: number;
   reporter?: Reporter;
   signal?: AbortSignal;
-  /** Called on each staged image dir before it is swapped in (signing). */
-  beforePublish?: (dir: string) => Promise<void>;
+  /** --sign value: a key file or `keyless` (else $PIPELINE_SIGNING_KEY, else the spec's signing.key). */
+  sign?: string;
 }
 
 export interface BuildResult {
@@ -96,8 +107,19 @@ export interface BuildResult {
 }
 
 export async function build(opts: BuildOptions): Promise<BuildResult> {
-  const prepared = await prepare(opts);
+  const prepared = await prepare({ ...opts, forRun: true });
   const { plan, cache, loaded } = prepared;
+  await checkHost(plan, cache);
+  // Resolve (and read) the key before any stage runs: a bad key fails fast.
+  // The sigstore libraries are only loaded when signing is on: they cost more
+  // start-up time than the whole of a cached no-op build.
+  let sign: ((dir: string) => Promise<void>) | undefined;
+  if (opts.sign || process.env[SIGNING_KEY_ENV] || loaded.spec.signing?.key) {
+    const { resolveSigningKey, signImageDir, signOptionsFromRef } = await import('./signing.js');
+    const keyRef = resolveSigningKey(opts.sign, loaded.spec.signing?.key, process.env, loaded.dir);
+    if (keyRef?.kind === 'file' && !existsSync(keyRef.path)) throw new UsageError(`signing key not found: ${keyRef.path} (create one with \`pipeline keygen --out ${path.dirname(keyRef.path)}\`)`);
+    if (keyRef) sign = (dir: string) => signImageDir(dir, signOptionsFromRef(keyRef));
+  }
   const logDir = path.join(cache.root, 'logs', plan.spec.name, plan.arch);
   const outcome = await runPlan(plan, {
     cache,
@@ -122,11 +144,32 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
         outRoot,
         blobPath: (sha) => cache.blobPath(sha),
         builderVersion: VERSION,
-        beforeSwap: opts.beforePublish,
+        sign,
       }),
     );
   }
   return { prepared, outcome, published };
+}
+
+/**
+ * Fail before any stage starts if the machine cannot run the stages that will
+ * run (privileges, foreign-arch emulation), with the fix in plain words.
+ */
+async function checkHost(plan: Plan, cache: Cache): Promise<void> {
+  const misses = (await Promise.all(plan.stages.map(async (s) => ((await cache.lookup(s.key)) ? undefined : s)))).filter((s) => s !== undefined);
+  if (!misses.length) return;
+  const needs = new Set(misses.flatMap((s) => s.mod.requires ?? []));
+  const foreign = debianArch(process.arch) !== plan.arch && misses.some((s) => s.mod.requires?.includes('foreign-exec'));
+  const errors = await preflight({
+    tools: [],
+    arches: foreign ? [plan.arch] : [],
+    needsRoot: needs.has('root'),
+    needsLoop: needs.has('loop'),
+    cacheDir: cache.root,
+  });
+  if (errors.length) {
+    throw new UsageError(`this machine cannot run the build:\n${errors.map((f) => `  ✗ ${f.what}: ${f.detail}${f.fix ? `\n    fix: ${f.fix}` : ''}`).join('\n')}`);
+  }
 }
 
 export interface Explanation {

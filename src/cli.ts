@@ -53,11 +53,12 @@ program
   .option('-j, --jobs <n>', 'stages to run at once (default: number of cores)', parseJobs)
   .option('--json', 'JSON-lines progress and summary on stdout')
   .option('-v, --verbose', 'stream stage logs')
+  .option('--sign <key>', 'sign the provenance with this private key, or `keyless` (Fulcio/Rekor in CI)')
   .action(async (arch: string, variants: string[], o) => {
     const progress = new Progress(pickMode(!!o.json), process.stderr, !!o.verbose);
     const signal = interruptSignal();
     try {
-      const r = await build({ arch, variants, all: o.all, file: o.file, cacheDir: o.cacheDir, outDir: o.out, jobs: o.jobs, reporter: progress, signal });
+      const r = await build({ arch, variants, all: o.all, file: o.file, cacheDir: o.cacheDir, outDir: o.out, jobs: o.jobs, reporter: progress, signal, sign: o.sign });
       progress.stop();
       reportBuild(progress, r.outcome.results, r.outcome.seconds, r.published.map((p) => path.relative(process.cwd(), p.dir) || '.'), r.prepared.plan.sinks);
     } catch (e) {
@@ -201,11 +202,44 @@ cache
   });
 
 program
+  .command('keygen')
+  .description('create an ECDSA P-256 signing key pair (signing.key mode 0600, signing.pub)')
+  .requiredOption('--out <dir>', 'directory for the key pair')
+  .action(async (o) => {
+    const { keygen } = await import('./signing.js');
+    const r = await keygen(path.resolve(o.out));
+    process.stderr.write(`wrote ${path.relative(process.cwd(), r.privateKey)} (keep it secret) and ${path.relative(process.cwd(), r.publicKey)}\n`);
+  });
+
+program
+  .command('verify')
+  .description('check an image dir: signature (offline) and every file digest; no unlisted files')
+  .argument('<dir>', 'e.g. images/ipxe/amd64')
+  .option('--key <pub>', 'public key (PEM) the bundle must be signed with')
+  .option('--certificate-identity <id>', 'keyless: expected signer identity')
+  .option('--certificate-oidc-issuer <url>', 'keyless: expected OIDC issuer')
+  .option('--trusted-root <file>', 'keyless: Sigstore trusted_root.json')
+  .action(async (dir: string, o) => {
+    const { verifyImageDir, VerifyError } = await import('./verify.js');
+    try {
+      const r = await verifyImageDir(path.resolve(dir), { publicKeyPath: o.key, certificateIdentity: o.certificateIdentity, certificateIssuer: o.certificateOidcIssuer, trustedRootPath: o.trustedRoot });
+      process.stderr.write(`verified ${dir}: ${r.files} files, signed by ${r.signer}\n`);
+    } catch (e) {
+      if (e instanceof VerifyError) {
+        process.stderr.write(`verify failed (${e.code}): ${e.message}\n`);
+        process.exitCode = 1;
+        return;
+      }
+      throw e;
+    }
+  });
+
+program
   .command('doctor')
   .description('what this machine offers for builds, in plain words')
   .addOption(cacheOpt())
   .action(async (o) => {
-    const { doctorCommand } = await import('./doctor-command.js');
+    const { doctorCommand } = await import('./doctor.js');
     process.exitCode = await doctorCommand({ cacheDir: o.cacheDir ? path.resolve(o.cacheDir) : defaultCacheRoot() });
   });
 

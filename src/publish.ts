@@ -11,6 +11,7 @@ import { hashFile } from './digest.js';
 import { safeRemove, within } from './fsutil.js';
 import { PACKAGE_ROOT } from './kinds.js';
 import {
+  BUNDLE_NAME,
   MANIFEST_NAME,
   METADATA_FILES,
   STATEMENT_NAME,
@@ -30,7 +31,7 @@ export interface Published {
 }
 
 /** The manifest for one variant: pure, from the plan and the cache entries. */
-export function makeManifest(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, builderVersion: string): BuildManifest {
+export function makeManifest(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, builderVersion: string, signed = false): BuildManifest {
   const sinks = plan.sinks[variant]!;
   const closure = closureOf(plan, sinks);
   const outputs: OutputRecord[] = [];
@@ -66,7 +67,8 @@ export function makeManifest(plan: Plan, variant: string, entries: ReadonlyMap<s
     stages: stages.map((s) => ({ name: s.name, kind: s.kind, version: s.parts.version, key: s.key, inputs: s.parts.inputs, tools: s.parts.tools, params: s.parts.params })),
     resolved: { meta, packages: [...packages.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0)), tools },
     outputs,
-    attestation: { statement: STATEMENT_NAME },
+    // The manifest is itself a subject of the statement, so it names the bundle up front.
+    attestation: signed ? { statement: STATEMENT_NAME, bundle: BUNDLE_NAME } : { statement: STATEMENT_NAME },
   };
 }
 
@@ -97,12 +99,12 @@ export interface PublishOptions {
   outRoot: string;
   blobPath: (sha: string) => string;
   builderVersion: string;
-  /** Called with the staged dir before it is swapped in (signing). */
-  beforeSwap?: (dir: string) => Promise<void>;
+  /** Signs the staged dir (writes the bundle) before it is swapped in. */
+  sign?: (dir: string) => Promise<void>;
 }
 
 export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, opts: PublishOptions): Promise<Published> {
-  const manifest = makeManifest(plan, variant, entries, opts.builderVersion);
+  const manifest = makeManifest(plan, variant, entries, opts.builderVersion, !!opts.sign);
   const parent = within(opts.outRoot, variant);
   const dest = within(parent, plan.arch);
   await fs.mkdir(parent, { recursive: true });
@@ -122,7 +124,7 @@ export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<
     const subjects = [...manifest.outputs.map((o) => ({ name: o.path, sha256: o.sha256 }))];
     for (const meta of [SUMS_NAME, MANIFEST_NAME]) subjects.push({ name: meta, sha256: (await hashFile(path.join(tmp, meta))).sha256 });
     await fs.writeFile(path.join(tmp, STATEMENT_NAME), statementBytes(buildStatement(manifest, subjects)));
-    if (opts.beforeSwap) await opts.beforeSwap(tmp);
+    if (opts.sign) await opts.sign(tmp);
     await setTimes(tmp, mtime);
     await swapIn(tmp, dest);
   } catch (e) {

@@ -21,6 +21,12 @@ export interface LoadedSpec {
   locate(p: PathSeg[], opts?: { key?: boolean }): SourceLocation;
 }
 
+/** How a spec path is shown in messages: relative to the working directory when inside it. */
+export function displayPath(file: string): string {
+  const rel = path.relative(process.cwd(), file);
+  return rel && !rel.startsWith('..') && !path.isAbsolute(rel) ? rel : file;
+}
+
 export function loadSpecFile(file: string, kinds: Kinds): LoadedSpec {
   let text: string;
   try {
@@ -28,10 +34,11 @@ export function loadSpecFile(file: string, kinds: Kinds): LoadedSpec {
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     throw new SpecError([
-      { loc: { file, line: 1, col: 1 }, path: '', message: err.code === 'ENOENT' ? 'spec file not found' : `cannot read spec: ${err.message}` },
+      { loc: { file: displayPath(file), line: 1, col: 1 }, path: '', message: err.code === 'ENOENT' ? 'spec file not found' : `cannot read spec: ${err.message}` },
     ]);
   }
-  return parseSpec(text, file, kinds);
+  const loaded = parseSpec(text, displayPath(file), kinds);
+  return { ...loaded, file: path.resolve(file) };
 }
 
 export function parseSpec(text: string, file: string, kinds: Kinds): LoadedSpec {
@@ -46,11 +53,12 @@ export function parseSpec(text: string, file: string, kinds: Kinds): LoadedSpec 
 
   if (doc.errors.length) {
     throw new SpecError(
-      doc.errors.map((e) => ({
-        loc: at(e.pos[0], e.pos[1] - e.pos[0]),
-        path: '',
-        message: yamlMessage(e.code, e.message),
-      })),
+      doc.errors.map((e) => {
+        const loc = at(e.pos[0], e.pos[1] - e.pos[0]);
+        // `${var}` inside [ ] or { } reads as a flow mapping; the fix is quoting.
+        const hint = /\$\{/.test(loc.lineText ?? '') && /flow/i.test(e.message) ? ' (hint: quote strings that contain ${...} inside [ ] or { })' : '';
+        return { loc, path: '', message: yamlMessage(e.code, e.message) + hint };
+      }),
     );
   }
   const raw = doc.toJS({ maxAliasCount: 100 });

@@ -111,6 +111,11 @@ export interface StageModule<S extends z.ZodType = z.ZodType> {
   arches?: readonly Arch[];
   /** Heavy stages (big downloads, chroots, filesystem builds) run one at a time. */
   heavy?: boolean;
+  /**
+   * What the host must offer when the stage runs (checked before a build starts):
+   * root privileges, loop devices, or running the target arch's binaries (binfmt).
+   */
+  requires?: readonly ('root' | 'loop' | 'foreign-exec')[];
   /** External programs it runs on the host, given its params. */
   tools(params: z.infer<S>, arch: Arch): ToolSpec[];
   /**

@@ -1,0 +1,218 @@
+// Kernel + initramfs from a rootfs tarball: dracut runs inside the target rootfs
+// with that rootfs's own kernel, modules and dracut, so the result does not depend
+// on what the build host has installed.
+import { chmod, copyFile, cp, mkdir, readFile, readdir, rename, stat } from 'node:fs/promises';
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { z } from 'zod';
+import { packageAsset } from '../src/assets.js';
+import { PACKAGE_ROOT } from '../src/kinds.js';
+import { defineStage, StageError, type Arch, type ToolSpec } from '../src/stage.js';
+
+// dracut splits module/driver lists on whitespace; keep names to a safe alphabet.
+const ITEM_RE = /^[A-Za-z0-9_.+-]+$/;
+const Item = z.string().regex(ITEM_RE, 'expected a dracut module or kernel driver name');
+
+export const Params = z
+  .object({
+    /** dracut modules to add; repo modules (dracut/modules.d/NN<name>) are installed first. */
+    modules: z.array(Item).default([]),
+    /** Spec-relative directories holding extra NN<name> dracut module directories. */
+    moduleDirs: z.array(z.string().min(1)).default([]),
+    /** Kernel drivers to add (--add-drivers). */
+    drivers: z.array(Item).default([]),
+    /** dracut modules to omit. */
+    omit: z.array(Item).default([]),
+    /** Kernel command line baked into the initramfs (/etc/cmdline.d). */
+    cmdline: z.string().optional(),
+    // gzip is the default: always present in a Debian rootfs and deterministic (dracut runs gzip -n).
+    compress: z.enum(['gzip', 'zstd', 'xz', 'none']).default('gzip'),
+    /** Kernel version, or "auto" for the only one installed. */
+    kernel: z
+      .string()
+      .regex(/^(auto|[A-Za-z0-9][A-Za-z0-9._+-]*)$/)
+      .default('auto'),
+  })
+  .strict();
+export type DracutParams = z.infer<typeof Params>;
+
+const QEMU_USER: Record<Arch, string> = { amd64: 'qemu-x86_64-static', arm64: 'qemu-aarch64-static' };
+function hostArch(): Arch | undefined {
+  return process.arch === 'x64' ? 'amd64' : process.arch === 'arm64' ? 'arm64' : undefined;
+}
+
+/** The pipeline's own dracut/modules.d, found from this file (works from source and from dist/). */
+export function builtinModulesDir(): string | undefined {
+  const c = join(PACKAGE_ROOT, 'dracut', 'modules.d');
+  return existsSync(c) ? c : undefined;
+}
+
+/** Directory in `base` holding module `name` (dracut's NN<name> convention). */
+export function findModuleDir(base: string, name: string): string | undefined {
+  if (!existsSync(base)) return undefined;
+  const hit = readdirSync(base)
+    .sort()
+    .find((e) => /^\d\d/.test(e) && e.slice(2) === name && statSync(join(base, e)).isDirectory());
+  return hit ? join(base, hit) : undefined;
+}
+
+/** Module directories to install for the given params, spec-local dirs winning over built-ins. */
+export function moduleSources(p: DracutParams, specDir: string): string[] {
+  const out: string[] = [];
+  const builtin = builtinModulesDir();
+  for (const name of p.modules) {
+    let hit: string | undefined;
+    for (const d of p.moduleDirs) hit ??= findModuleDir(resolve(specDir, d), name);
+    if (!hit && builtin) hit = findModuleDir(builtin, name);
+    if (hit) out.push(hit);
+    // Otherwise it is one of dracut's own modules in the rootfs.
+  }
+  return out;
+}
+
+/** Pick the kernel version: explicit (must exist) or "auto" (must be unique). */
+export function pickKernel(requested: string, installed: string[]): string {
+  const vs = [...installed].sort();
+  if (requested !== 'auto') {
+    if (!vs.includes(requested)) {
+      throw new StageError(`kernel ${requested} is not in the rootfs (found: ${vs.join(', ') || 'none'})`);
+    }
+    return requested;
+  }
+  if (vs.length === 1) return vs[0];
+  if (vs.length === 0) throw new StageError('no kernel in the rootfs (/usr/lib/modules is empty); add linux-image-<arch>');
+  throw new StageError(`several kernels in the rootfs, set kernel: to one of ${vs.join(', ')}`);
+}
+
+const INITRD_IN_ROOT = '/var/tmp/pipeline-initrd.img';
+
+export function dracutArgs(p: DracutParams, kver: string): string[] {
+  const args = ['--reproducible', '--no-hostonly', '--force', '--kver', kver];
+  for (const m of p.modules) args.push('--add', m);
+  for (const m of p.omit) args.push('--omit', m);
+  for (const d of p.drivers) args.push('--add-drivers', d);
+  if (p.cmdline !== undefined && p.cmdline.trim() !== '') args.push('--kernel-cmdline', p.cmdline);
+  args.push(p.compress === 'none' ? '--no-compress' : `--${p.compress}`);
+  args.push(INITRD_IN_ROOT);
+  return args;
+}
+
+// Runs under `unshare --mount --propagation private`: these mounts live only in a
+// private namespace and vanish with it, even if everything is SIGKILLed. The root
+// path and the command come in as arguments, never inside the script text.
+const CHROOT_SCRIPT = [
+  'set -e',
+  'root=$1',
+  'shift',
+  'mount -t proc proc "$root/proc"',
+  'mount -t sysfs sysfs "$root/sys"',
+  'mount --rbind /dev "$root/dev"',
+  'exec chroot "$root" "$@"',
+].join('\n');
+
+export function chrootArgs(root: string, cmd: string[]): string[] {
+  return ['--mount', '--propagation', 'private', '--fork', '--', 'sh', '-c', CHROOT_SCRIPT, 'sh', root, ...cmd];
+}
+
+async function copyAtomic(src: string, dst: string): Promise<void> {
+  const tmp = `${dst}.partial`;
+  await copyFile(src, tmp);
+  await chmod(tmp, 0o644); // dracut writes the image 0600
+  await rename(tmp, dst);
+}
+
+export default defineStage({
+  kind: 'dracut',
+  version: '1',
+  summary: 'kernel (vmlinuz) + initramfs (initrd.img) built by dracut inside the rootfs',
+  params: Params,
+  inputs: ['rootfs'],
+  heavy: true,
+  // Extraction keeps owners, unshare/mount/chroot need root; dracut runs the target's binaries.
+  requires: ['root', 'foreign-exec'],
+  tools(_p, arch): ToolSpec[] {
+    const tools: ToolSpec[] = [
+      { name: 'tar', apt: 'tar' },
+      { name: 'unshare', apt: 'util-linux' },
+      { name: 'chroot', apt: 'coreutils' },
+    ];
+    if (hostArch() !== arch) tools.push({ name: QEMU_USER[arch], apt: 'qemu-user-static' });
+    return tools;
+  },
+  assets(p) {
+    // Spec-local module dirs are spec-relative; built-in ones are named relative to
+    // the package (pipeline:…) so keys do not depend on where pipeline is checked out.
+    const builtin = builtinModulesDir();
+    const out = [...p.moduleDirs];
+    if (builtin) {
+      for (const m of p.modules) {
+        const d = findModuleDir(builtin, m);
+        if (d) out.push(packageAsset(d));
+      }
+    }
+    return [...new Set(out)].sort();
+  },
+  async run(ctx) {
+    const p = ctx.params;
+    const input = ctx.inputs.rootfs;
+    if (!input.files.includes('rootfs.tar')) {
+      throw new StageError(`input rootfs has no rootfs.tar (files: ${input.files.join(', ')})`);
+    }
+    const root = join(ctx.workDir, 'root');
+    await mkdir(root);
+    await ctx.exec('tar', [
+      '--xattrs',
+      '--xattrs-include=*',
+      '--numeric-owner',
+      '-xpf',
+      join(input.dir, 'rootfs.tar'),
+      '-C',
+      root,
+    ]);
+
+    const modulesRoot = join(root, 'usr/lib/modules');
+    const installed = existsSync(modulesRoot) ? await readdir(modulesRoot) : [];
+    const kver = pickKernel(p.kernel, installed);
+    const vmlinuz = join(root, 'boot', `vmlinuz-${kver}`);
+    if (!existsSync(vmlinuz)) throw new StageError(`rootfs has modules for ${kver} but no /boot/vmlinuz-${kver}`);
+
+    const dracutDir = join(root, 'usr/lib/dracut');
+    if (!existsSync(join(dracutDir, 'dracut-init.sh'))) {
+      throw new StageError('dracut is not installed in the rootfs; add dracut-core to its packages');
+    }
+    if (p.compress === 'zstd' && !existsSync(join(root, 'usr/bin/zstd'))) {
+      throw new StageError('compress: zstd needs the zstd package in the rootfs');
+    }
+    if (p.compress === 'xz' && !existsSync(join(root, 'usr/bin/xz'))) {
+      throw new StageError('compress: xz needs the xz-utils package in the rootfs');
+    }
+    for (const src of moduleSources(p, ctx.specDir)) {
+      const dst = join(dracutDir, 'modules.d', src.split('/').pop()!);
+      ctx.log(`installing dracut module ${src} -> ${dst.slice(root.length)}`);
+      await cp(src, dst, { recursive: true, force: true });
+    }
+    const dracutVersion = (await readFile(join(dracutDir, 'dracut-version.sh'), 'utf8').catch(() => ''))
+      .match(/DRACUT_VERSION=["']?([^"'\s]+)/)?.[1];
+
+    await ctx.exec('unshare', chrootArgs(root, ['dracut', ...dracutArgs(p, kver)]), {
+      env: {
+        SOURCE_DATE_EPOCH: String(ctx.sourceDateEpoch),
+        PATH: '/usr/sbin:/usr/bin:/sbin:/bin',
+        LC_ALL: 'C',
+        TMPDIR: '/var/tmp',
+        HOME: '/root',
+      },
+    });
+
+    const initrd = join(root, INITRD_IN_ROOT);
+    if (!(await stat(initrd).catch(() => undefined))?.size) throw new StageError('dracut produced no initramfs');
+    await copyAtomic(vmlinuz, join(ctx.outDir, 'vmlinuz'));
+    await copyAtomic(initrd, join(ctx.outDir, 'initrd.img'));
+    ctx.setMeta({
+      kernel: kver,
+      dracutVersion: dracutVersion ?? 'unknown',
+      modules: p.modules,
+      compress: p.compress,
+    });
+  },
+});

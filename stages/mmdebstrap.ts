@@ -1,0 +1,216 @@
+// Debian root filesystem as an uncompressed tarball, built by mmdebstrap.
+// Everything variable (paths) reaches the hook scripts through env vars; the
+// hook texts themselves are constants so no spec value is ever parsed by a shell.
+import { copyFile, mkdir, readFile, readdir, rename, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { defineStage, StageError, type Arch, type ToolSpec } from '../src/stage.js';
+import type { DebPackage } from '../src/manifest-types.js';
+
+const PKG_RE = /^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$/;
+const NAME_RE = /^[a-z0-9][a-z0-9.+-]*$/;
+
+export const Params = z
+  .object({
+    suite: z.string().regex(NAME_RE).default('bookworm'),
+    mirror: z
+      .string()
+      .regex(/^(https?|file):\/\/[^\s]+$/, 'mirror must be an http(s):// or file:// URL')
+      .default('http://deb.debian.org/debian'),
+    variant: z
+      .enum(['extract', 'custom', 'essential', 'apt', 'required', 'minbase', 'buildd', 'important', 'debootstrap', 'standard'])
+      .default('minbase'),
+    components: z.array(z.string().regex(NAME_RE)).min(1).default(['main']),
+    /** Extra packages; `name` or `name=version`. */
+    packages: z.array(z.string().regex(PKG_RE, 'invalid Debian package name')).default([]),
+    /** Content of /etc/hostname in the image (the host's would leak in otherwise). */
+    hostname: z
+      .string()
+      .regex(/^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/)
+      .default('localhost'),
+  })
+  .strict();
+export type MmdebstrapParams = z.infer<typeof Params>;
+
+// mmdebstrap's debian arch names match ours, but keep the mapping explicit.
+const DEB_ARCH: Record<Arch, string> = { amd64: 'amd64', arm64: 'arm64' };
+const QEMU_USER: Record<Arch, string> = { amd64: 'qemu-x86_64-static', arm64: 'qemu-aarch64-static' };
+
+function hostArch(): Arch | undefined {
+  return process.arch === 'x64' ? 'amd64' : process.arch === 'arm64' ? 'arm64' : undefined;
+}
+
+// Why a divert rather than path-exclude of /etc/kernel/postinst.d: update-initramfs is
+// reached three ways (the kernel postinst.d hook, initramfs-tools' own postinst on
+// configure, and its dpkg trigger). Diverting the one binary they all call catches
+// every path, needs no knowledge of hook file names, and is fully undone afterwards,
+// so the final rootfs is an ordinary Debian install (just without /boot/initrd.img-*).
+// The essential hook runs after the Essential:yes set is installed and before the
+// --include packages (which bring linux-image-* and initramfs-tools).
+export const ESSENTIAL_HOOK = [
+  'set -e',
+  'dpkg-divert --root "$1" --quiet --local --rename --divert /usr/sbin/update-initramfs.pipeline-real --add /usr/sbin/update-initramfs',
+  'ln -s /bin/true "$1/usr/sbin/update-initramfs"',
+].join('\n');
+
+export const UNDIVERT_HOOK = [
+  'set -e',
+  'rm -f "$1/usr/sbin/update-initramfs"',
+  'dpkg-divert --root "$1" --quiet --local --rename --divert /usr/sbin/update-initramfs.pipeline-real --remove /usr/sbin/update-initramfs',
+].join('\n');
+
+// mmdebstrap copies the host's /etc/hostname and /etc/resolv.conf into the chroot;
+// both (content and mode) would make the tarball depend on the build machine.
+export const HOST_FILES_HOOK = [
+  'set -e',
+  'rm -f "$1/etc/hostname"',
+  'printf "%s\\n" "$PIPELINE_HOSTNAME" > "$1/etc/hostname"',
+  'chmod 0644 "$1/etc/hostname"',
+  'rm -f "$1/etc/resolv.conf"',
+].join('\n');
+
+// Runs before mmdebstrap's cleanup removes the apt lists: copy out what metadata needs.
+export const META_HOOK = [
+  'set -e',
+  'cp "$1/var/lib/dpkg/status" "$PIPELINE_META_DIR/status"',
+  'mkdir -p "$PIPELINE_META_DIR/lists"',
+  'for f in "$1"/var/lib/apt/lists/*_Packages; do if [ -f "$f" ]; then cp "$f" "$PIPELINE_META_DIR/lists/"; fi; done',
+  'if [ -d "$1/usr/lib/modules" ]; then ls -1 "$1/usr/lib/modules"; fi > "$PIPELINE_META_DIR/kernels"',
+].join('\n');
+
+export function mmdebstrapArgs(p: MmdebstrapParams, arch: Arch, target: string): string[] {
+  const args = [
+    `--variant=${p.variant}`,
+    `--arch=${DEB_ARCH[arch]}`,
+    `--components=${p.components.join(',')}`,
+    '--format=tar',
+    `--essential-hook=${ESSENTIAL_HOOK}`,
+    `--customize-hook=${UNDIVERT_HOOK}`,
+    `--customize-hook=${HOST_FILES_HOOK}`,
+    `--customize-hook=${META_HOOK}`,
+  ];
+  if (p.packages.length) args.push(`--include=${p.packages.join(',')}`);
+  args.push('--', p.suite, target, p.mirror);
+  return args;
+}
+
+/** Split a deb822 file (dpkg status, apt Packages) into field maps. */
+export function parseDeb822(text: string): Array<Record<string, string>> {
+  const out: Array<Record<string, string>> = [];
+  for (const para of text.split(/\n\s*\n/)) {
+    const rec: Record<string, string> = {};
+    let last = '';
+    for (const line of para.split('\n')) {
+      if (!line) continue;
+      if (/^[ \t]/.test(line)) {
+        if (last) rec[last] += '\n' + line.trim();
+        continue;
+      }
+      const i = line.indexOf(':');
+      if (i <= 0) continue;
+      last = line.slice(0, i);
+      rec[last] = line.slice(i + 1).trim();
+    }
+    if (Object.keys(rec).length) out.push(rec);
+  }
+  return out;
+}
+
+/**
+ * Installed packages from dpkg's status file, with the .deb sha256 from the apt
+ * Packages indices where the same name/version/arch is listed. Sorted by name, arch.
+ */
+export function installedPackages(status: string, packagesIndices: string[]): DebPackage[] {
+  const sums = new Map<string, string>();
+  for (const idx of packagesIndices) {
+    for (const r of parseDeb822(idx)) {
+      if (r.Package && r.Version && r.Architecture && r.SHA256) {
+        sums.set(`${r.Package} ${r.Version} ${r.Architecture}`, r.SHA256);
+      }
+    }
+  }
+  const pkgs: DebPackage[] = [];
+  for (const r of parseDeb822(status)) {
+    if (!r.Package || !r.Version || r.Status !== 'install ok installed') continue;
+    const arch = r.Architecture ?? 'unknown';
+    const p: DebPackage = { name: r.Package, version: r.Version, arch };
+    const sha = sums.get(`${r.Package} ${r.Version} ${arch}`);
+    if (sha) p.sha256 = sha;
+    pkgs.push(p);
+  }
+  pkgs.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : a.arch < b.arch ? -1 : a.arch > b.arch ? 1 : 0));
+  return pkgs;
+}
+
+async function moveFile(src: string, dst: string): Promise<void> {
+  try {
+    await rename(src, dst);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EXDEV') throw e;
+    const tmp = `${dst}.partial`;
+    await copyFile(src, tmp);
+    await rename(tmp, dst);
+    await rm(src, { force: true });
+  }
+}
+
+export default defineStage({
+  kind: 'mmdebstrap',
+  version: '1',
+  summary: 'Debian root filesystem (rootfs.tar) from a mirror with mmdebstrap',
+  params: Params,
+  inputs: [],
+  heavy: true,
+  // Only root mode is tested; foreign arches run maintainer scripts via binfmt + qemu-user.
+  requires: ['root', 'foreign-exec'],
+  tools(_p, arch): ToolSpec[] {
+    const tools: ToolSpec[] = [
+      { name: 'mmdebstrap', apt: 'mmdebstrap' },
+      { name: 'dpkg-divert', apt: 'dpkg' },
+    ];
+    // Foreign-arch maintainer scripts run through binfmt_misc + qemu-user.
+    if (hostArch() !== arch) tools.push({ name: QEMU_USER[arch], apt: 'qemu-user-static' });
+    return tools;
+  },
+  async run(ctx) {
+    const p = ctx.params;
+    const metaDir = join(ctx.workDir, 'meta');
+    await mkdir(metaDir, { recursive: true });
+    const tmpTar = join(ctx.workDir, 'rootfs.tar');
+    await ctx.exec('mmdebstrap', mmdebstrapArgs(p, ctx.arch, tmpTar), {
+      env: {
+        SOURCE_DATE_EPOCH: String(ctx.sourceDateEpoch),
+        // mmdebstrap stages the tree under TMPDIR before packing; keep it in our scratch.
+        TMPDIR: ctx.workDir,
+        PIPELINE_META_DIR: metaDir,
+        PIPELINE_HOSTNAME: p.hostname,
+        LC_ALL: 'C.UTF-8',
+      },
+    });
+
+    const status = await readFile(join(metaDir, 'status'), 'utf8').catch(() => {
+      throw new StageError('mmdebstrap finished but the metadata hook did not run (no dpkg status copied)');
+    });
+    const listDir = join(metaDir, 'lists');
+    const lists = await Promise.all(
+      (await readdir(listDir)).sort().map((f) => readFile(join(listDir, f), 'utf8')),
+    );
+    const kernels = (await readFile(join(metaDir, 'kernels'), 'utf8'))
+      .split('\n')
+      .map((s) => s.trim())
+      .filter(Boolean)
+      .sort();
+    const packages = installedPackages(status, lists);
+    ctx.log(`rootfs: ${packages.length} packages, kernels: ${kernels.join(', ') || 'none'}`);
+    ctx.setMeta({
+      suite: p.suite,
+      mirror: p.mirror,
+      variant: p.variant,
+      components: p.components,
+      arch: ctx.arch,
+      kernels,
+      packages,
+    });
+    await moveFile(tmpTar, join(ctx.outDir, 'rootfs.tar'));
+  },
+});
