@@ -1,5 +1,6 @@
 // Command line. Exit codes: 0 ok, 1 build/test failure, 2 usage or spec error.
 import { Command, CommanderError, Option } from 'commander';
+import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { specJsonSchema } from '../schema/spec.js';
 import { build, explain, loadSpec, prepare, VERSION } from './build.js';
@@ -202,11 +203,36 @@ cache
   });
 
 program
+  .command('push')
+  .description('build (cached) an OCI variant and push it to a registry: pipeline push amd64 oci --to localhost:5000/powernode:1.0')
+  .argument('<arch>')
+  .argument('[variant]', 'variant whose output is an OCI image layout', 'oci')
+  .requiredOption('--to <ref>', 'HOST[:PORT]/REPO[:TAG]; credentials from ~/.docker/config.json or PIPELINE_REGISTRY_USER/PASSWORD')
+  .addOption(specOpt())
+  .addOption(cacheOpt())
+  .option('-o, --out <dir>', 'output root', 'images')
+  .option('--insecure', 'plain http (default only for loopback registries)')
+  .option('--chunk-size <bytes>', 'upload blobs larger than this in chunks', (v) => parseSize(v))
+  .option('--json')
+  .action(async (arch: string, variant: string, o) => {
+    const progress = new Progress(pickMode(!!o.json), process.stderr, false);
+    const signal = interruptSignal();
+    const r = await build({ arch, variants: [variant], file: o.file, cacheDir: o.cacheDir, outDir: o.out, reporter: progress, signal });
+    progress.stop();
+    const dir = r.published[0]!.dir;
+    const { pushLayout } = await import('./registry.js');
+    const res = await pushLayout(dir, o.to, { insecure: o.insecure ? true : undefined, chunkSize: o.chunkSize, signal, log: (l: string) => progress.info(`  ${l}`) });
+    if (o.json) process.stdout.write(JSON.stringify({ event: 'push', ref: o.to, ...res }) + '\n');
+    else process.stderr.write(`pushed ${o.to}@${res.digest} (${res.pushed.length} blobs uploaded, ${res.skipped.length} already there)\n`);
+  });
+
+program
   .command('keygen')
   .description('create an ECDSA P-256 signing key pair (signing.key mode 0600, signing.pub)')
   .requiredOption('--out <dir>', 'directory for the key pair')
   .action(async (o) => {
     const { keygen } = await import('./signing.js');
+    await mkdir(path.resolve(o.out), { recursive: true, mode: 0o700 });
     const r = await keygen(path.resolve(o.out));
     process.stderr.write(`wrote ${path.relative(process.cwd(), r.privateKey)} (keep it secret) and ${path.relative(process.cwd(), r.publicKey)}\n`);
   });

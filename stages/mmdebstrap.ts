@@ -4,6 +4,7 @@
 import { copyFile, mkdir, readFile, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
+import { within } from '../src/fsutil.js';
 import { defineStage, StageError, type Arch, type ToolSpec } from '../src/stage.js';
 import type { DebPackage } from '../src/manifest-types.js';
 
@@ -23,6 +24,13 @@ export const Params = z
     components: z.array(z.string().regex(NAME_RE)).min(1).default(['main']),
     /** Extra packages; `name` or `name=version`. */
     packages: z.array(z.string().regex(PKG_RE, 'invalid Debian package name')).default([]),
+    /** A directory (relative to the spec) copied over the tree last, e.g. systemd units. */
+    overlay: z.string().min(1).optional(),
+    /**
+     * Accept a Release file past its Valid-Until date. Rolling suites (sid, forky) carry
+     * one; a mirror copy that lags behind by a few weeks needs this to be usable.
+     */
+    ignore_valid_until: z.boolean().default(false),
     /** Content of /etc/hostname in the image (the host's would leak in otherwise). */
     hostname: z
       .string()
@@ -69,6 +77,23 @@ export const HOST_FILES_HOOK = [
   'rm -f "$1/etc/resolv.conf"',
 ].join('\n');
 
+// Copies the spec's overlay directory into the tree. Owners, modes and times are
+// normalised (root:root, 0755 for dirs and executables, 0644 otherwise; mtimes are
+// clamped by mmdebstrap's tar) so the result does not depend on the checkout's
+// umask or clock. Existing directories in the tree keep their mode.
+export const OVERLAY_HOOK = [
+  'set -e',
+  '[ -n "$PIPELINE_OVERLAY" ] || exit 0',
+  'cd "$PIPELINE_OVERLAY"',
+  'find . -mindepth 1 | LC_ALL=C sort | while IFS= read -r p; do',
+  '  if [ -L "$p" ]; then ln -sfn "$(readlink "$p")" "$1/$p"',
+  '  elif [ -d "$p" ]; then [ -d "$1/$p" ] || install -d -m 0755 "$1/$p"',
+  '  elif [ -x "$p" ]; then install -m 0755 "$p" "$1/$p"',
+  '  else install -m 0644 "$p" "$1/$p"; fi',
+  '  chown -h 0:0 "$1/$p"',
+  'done',
+].join('\n');
+
 // Runs before mmdebstrap's cleanup removes the apt lists: copy out what metadata needs.
 export const META_HOOK = [
   'set -e',
@@ -87,8 +112,10 @@ export function mmdebstrapArgs(p: MmdebstrapParams, arch: Arch, target: string):
     `--essential-hook=${ESSENTIAL_HOOK}`,
     `--customize-hook=${UNDIVERT_HOOK}`,
     `--customize-hook=${HOST_FILES_HOOK}`,
+    `--customize-hook=${OVERLAY_HOOK}`,
     `--customize-hook=${META_HOOK}`,
   ];
+  if (p.ignore_valid_until) args.push('--aptopt=Acquire::Check-Valid-Until "false"');
   if (p.packages.length) args.push(`--include=${p.packages.join(',')}`);
   args.push('--', p.suite, target, p.mirror);
   return args;
@@ -172,8 +199,10 @@ export default defineStage({
     if (hostArch() !== arch) tools.push({ name: QEMU_USER[arch], apt: 'qemu-user-static' });
     return tools;
   },
+  assets: (p) => (p.overlay ? [p.overlay] : []),
   async run(ctx) {
     const p = ctx.params;
+    const overlay = p.overlay ? within(ctx.specDir, p.overlay) : '';
     const metaDir = join(ctx.workDir, 'meta');
     await mkdir(metaDir, { recursive: true });
     const tmpTar = join(ctx.workDir, 'rootfs.tar');
@@ -184,18 +213,23 @@ export default defineStage({
         TMPDIR: ctx.workDir,
         PIPELINE_META_DIR: metaDir,
         PIPELINE_HOSTNAME: p.hostname,
+        PIPELINE_OVERLAY: overlay,
         LC_ALL: 'C.UTF-8',
       },
     });
 
+    // The extract and custom variants only unpack: no dpkg database, and mmdebstrap
+    // runs no hooks for them, so there is no package list to record.
+    const unpackOnly = p.variant === 'extract' || p.variant === 'custom';
     const status = await readFile(join(metaDir, 'status'), 'utf8').catch(() => {
+      if (unpackOnly) return '';
       throw new StageError('mmdebstrap finished but the metadata hook did not run (no dpkg status copied)');
     });
     const listDir = join(metaDir, 'lists');
     const lists = await Promise.all(
-      (await readdir(listDir)).sort().map((f) => readFile(join(listDir, f), 'utf8')),
+      (await readdir(listDir).catch(() => [] as string[])).sort().map((f) => readFile(join(listDir, f), 'utf8')),
     );
-    const kernels = (await readFile(join(metaDir, 'kernels'), 'utf8'))
+    const kernels = (await readFile(join(metaDir, 'kernels'), 'utf8').catch(() => ''))
       .split('\n')
       .map((s) => s.trim())
       .filter(Boolean)

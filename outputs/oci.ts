@@ -1,0 +1,150 @@
+// bootc-compatible OCI image layout (oci-layout, index.json, blobs/sha256/*) built
+// straight from the rootfs tarball: no extraction, no root, one reproducible layer.
+import { mkdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { z } from 'zod';
+import {
+  applyBootcLayout,
+  commitBlob,
+  gzipFile,
+  imageConfig,
+  imageIndex,
+  imageManifest,
+  jsonBlob,
+  MEDIA,
+  OCI_LAYOUT,
+  platformOf,
+  REF_NAME_ANNOTATION,
+  removeQuietly,
+  sha256Hex,
+  TAG_RE,
+  writeLayerTar,
+  writeNew,
+  type Descriptor,
+} from '../src/oci-layout.js';
+import { defineStage, StageError, type StageInput } from '../src/stage.js';
+import { readTarTree, TarError } from '../src/tarfs.js';
+
+const LABEL_KEY_RE = /^[A-Za-z0-9][A-Za-z0-9._/-]*$/;
+
+export const Params = z
+  .object({
+    /** Layer compression. zstd is left out: Node 20's zlib has none. */
+    compression: z.enum(['gzip', 'none']).default('gzip'),
+    /** Fixed so that gzip output is a function of the input (and the zlib build). */
+    gzip_level: z.number().int().min(1).max(9).default(6),
+    /** Name in index.json (org.opencontainers.image.ref.name): `oci:DIR:<tag>`. */
+    tag: z.string().regex(TAG_RE, 'tag must match [A-Za-z0-9_][A-Za-z0-9._-]{0,127}').default('latest'),
+    /** Extra image config labels; containers.bootc=1 is always set. */
+    labels: z.record(z.string().regex(LABEL_KEY_RE, 'invalid label key'), z.string()).default({}),
+  })
+  .strict();
+export type OciParams = z.infer<typeof Params>;
+
+/** The rootfs tarball of an input: rootfs.tar, or its only *.tar. */
+export function rootfsTarOf(input: StageInput, what = 'rootfs'): string {
+  const tars = input.files.filter((f) => f.endsWith('.tar'));
+  const pick = input.files.includes('rootfs.tar') ? 'rootfs.tar' : tars.length === 1 ? tars[0] : undefined;
+  if (!pick) throw new StageError(`input "${what}" (${input.kind}) has no rootfs.tar; files: ${input.files.join(', ') || '(none)'}`);
+  return join(input.dir, pick);
+}
+
+function bootFilesOf(input: StageInput): { kver: string; vmlinuz: string; initramfs: string } {
+  const kver = input.meta.kernel;
+  if (typeof kver !== 'string' || !kver) throw new StageError(`input "boot" (${input.kind}) records no kernel version (meta.kernel)`);
+  for (const f of ['vmlinuz', 'initrd.img']) {
+    if (!input.files.includes(f)) throw new StageError(`input "boot" (${input.kind}) has no ${f}; files: ${input.files.join(', ')}`);
+  }
+  return { kver, vmlinuz: join(input.dir, 'vmlinuz'), initramfs: join(input.dir, 'initrd.img') };
+}
+
+const IO_HINT: Record<string, string> = {
+  ENOSPC: 'no space left on the output device',
+  EDQUOT: 'disk quota exceeded',
+  EROFS: 'the output directory is on a read-only filesystem',
+  EACCES: 'permission denied',
+  EPERM: 'operation not permitted',
+};
+
+export default defineStage({
+  kind: 'oci',
+  version: '1',
+  summary: 'bootc OCI image layout (one reproducible layer, kernel + initramfs in /usr/lib/modules)',
+  params: Params,
+  inputs: ['rootfs', 'boot'],
+  tools: () => [],
+  async run(ctx) {
+    const p = ctx.params;
+    const rootfsTar = rootfsTarOf(ctx.inputs.rootfs!);
+    const bootIn = bootFilesOf(ctx.inputs.boot!);
+    const [vst, ist] = await Promise.all([stat(bootIn.vmlinuz), stat(bootIn.initramfs)]);
+
+    // Everything this stage creates in outDir, so a failure can take it all back.
+    const blobs = join(ctx.outDir, 'blobs');
+    const created = [blobs, join(ctx.outDir, 'index.json'), join(ctx.outDir, 'oci-layout')];
+    try {
+      const tree = await readTarTree(rootfsTar);
+      const notes = applyBootcLayout(tree, { ...bootIn, vmlinuzSize: vst.size, initramfsSize: ist.size });
+      for (const n of notes) ctx.log(`bootc: ${n}`);
+
+      const store = join(blobs, 'sha256');
+      // Step by step: a recursive mkdir reports ENOENT instead of EROFS on a read-only fs.
+      await mkdir(blobs);
+      await mkdir(store);
+      // The uncompressed tar lives in scratch unless it is itself the blob.
+      const tarTmp = p.compression === 'none' ? join(store, '.layer.tar.tmp') : join(ctx.workDir, 'layer.tar');
+      const layer = await writeLayerTar(tree, rootfsTar, ctx.sourceDateEpoch, tarTmp);
+      ctx.log(`layer: ${layer.entries} entries (${layer.hardlinks} hard links), ${layer.size} bytes, diff_id sha256:${layer.sha256}`);
+      let layerDesc: Descriptor;
+      if (p.compression === 'gzip') {
+        const gzTmp = join(store, '.layer.tar.gz.tmp');
+        const gz = await gzipFile(tarTmp, gzTmp, p.gzip_level);
+        await removeQuietly(tarTmp);
+        await commitBlob(gzTmp, store, gz.sha256);
+        layerDesc = { mediaType: MEDIA.layerGzip, digest: `sha256:${gz.sha256}`, size: gz.size };
+      } else {
+        await commitBlob(tarTmp, store, layer.sha256);
+        layerDesc = { mediaType: MEDIA.layerTar, digest: `sha256:${layer.sha256}`, size: layer.size };
+      }
+
+      const labels = { ...p.labels, 'containers.bootc': '1' };
+      const config = jsonBlob(imageConfig({ arch: ctx.arch, labels, diffIds: [`sha256:${layer.sha256}`] }));
+      const configDesc: Descriptor = { mediaType: MEDIA.config, digest: `sha256:${sha256Hex(config)}`, size: config.length };
+      const manifest = jsonBlob(imageManifest(configDesc, [layerDesc]));
+      const manifestDesc: Descriptor = {
+        mediaType: MEDIA.manifest,
+        digest: `sha256:${sha256Hex(manifest)}`,
+        size: manifest.length,
+        annotations: { [REF_NAME_ANNOTATION]: p.tag },
+        platform: platformOf(ctx.arch),
+      };
+      for (const [doc, d] of [
+        [config, configDesc],
+        [manifest, manifestDesc],
+      ] as const) {
+        const tmp = join(store, '.doc.tmp');
+        await writeNew(tmp, doc);
+        await commitBlob(tmp, store, d.digest.slice('sha256:'.length));
+      }
+      // index.json last: a layout without it is not an image, so nothing half-done can be read.
+      await writeNew(join(ctx.outDir, 'oci-layout'), OCI_LAYOUT);
+      await writeNew(join(ctx.outDir, 'index.json'), jsonBlob(imageIndex([manifestDesc])));
+
+      ctx.setMeta({
+        ref: p.tag,
+        manifest: manifestDesc.digest,
+        config: configDesc.digest,
+        layers: [{ digest: layerDesc.digest, diffId: `sha256:${layer.sha256}`, size: layerDesc.size, mediaType: layerDesc.mediaType }],
+        kernel: bootIn.kver,
+        labels,
+        entries: layer.entries,
+      });
+    } catch (e) {
+      await removeQuietly(...created);
+      if (e instanceof TarError) throw new StageError(`oci: ${e.message}`);
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code && IO_HINT[code]) throw new StageError(`oci: cannot write the image layout in ${ctx.outDir}: ${IO_HINT[code]} (${(e as Error).message})`);
+      throw e;
+    }
+  },
+});
