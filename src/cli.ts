@@ -261,6 +261,24 @@ program
   });
 
 program
+  .command('repro')
+  .description('build twice from scratch (other paths, umask, TZ, locale, clock; same SOURCE_DATE_EPOCH) and compare: names the first divergent stage')
+  .argument('<arch>')
+  .argument('[variants...]')
+  .addOption(specOpt())
+  .option('--all', 'every variant for this arch')
+  .option('--keep', 'keep both build trees (the path is printed)')
+  .option('--json', 'print the report as JSON')
+  .option('--report <file>', 'write the JSON report here (default: <out>/repro-<arch>.json)')
+  .option('-o, --out <dir>', 'output root for the default report path', 'images')
+  .option('-j, --jobs <n>', 'stages to run at once in each build', parseJobs)
+  .option('--no-faketime', 'do not shift build b\'s clock with faketime even when installed')
+  .action(async (arch: string, variants: string[], o) => {
+    const { reproCommand } = await import('./repro.js');
+    process.exitCode = await reproCommand({ arch, variants, all: o.all, file: o.file, keep: o.keep, json: o.json, report: o.report, out: o.out, jobs: o.jobs, faketime: o.faketime });
+  });
+
+program
   .command('doctor')
   .description('what this machine offers for builds, in plain words')
   .addOption(cacheOpt())

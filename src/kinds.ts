@@ -35,13 +35,39 @@ async function discover(): Promise<Kinds> {
     } catch {
       continue;
     }
-    const mods = await Promise.all(files.map((f) => import(new URL(`file://${path.join(abs, f)}`).href)));
-    mods.forEach((m, i) => {
-      const mod = m.default as StageModule | undefined;
-      if (!mod || typeof mod.run !== 'function' || !mod.kind) throw new Error(`${dir}/${files[i]}: does not default-export a stage module (defineStage({...}))`);
-      if (kinds.has(mod.kind)) throw new Error(`${dir}/${files[i]}: kind "${mod.kind}" is defined twice`);
-      kinds.set(mod.kind, mod);
-    });
+    await importKinds(kinds, abs, dir, files);
+  }
+  // Extra kinds from outside the package (test fixtures, site-local kinds) are
+  // plain JavaScript so they load the same under tsx and from dist/.
+  for (const abs of extraKindDirs()) {
+    let files: string[];
+    try {
+      files = readdirSync(abs).filter((f) => (f.endsWith('.js') || f.endsWith('.mjs')) && !f.startsWith('_')).sort();
+    } catch {
+      throw new Error(`${KINDS_PATH_ENV}: cannot read directory ${abs}`);
+    }
+    await importKinds(kinds, abs, abs, files);
   }
   return kinds;
+}
+
+/** Environment variable naming extra stage-module directories, colon-separated. */
+export const KINDS_PATH_ENV = 'PIPELINE_KINDS_PATH';
+
+/** The extra stage-module directories, absolute (relative entries resolve against the cwd). */
+export function extraKindDirs(env: NodeJS.ProcessEnv = process.env): string[] {
+  return (env[KINDS_PATH_ENV] ?? '')
+    .split(':')
+    .filter((d) => d !== '')
+    .map((d) => path.resolve(d));
+}
+
+async function importKinds(kinds: Kinds, abs: string, label: string, files: string[]): Promise<void> {
+  const mods = await Promise.all(files.map((f) => import(new URL(`file://${path.join(abs, f)}`).href)));
+  mods.forEach((m, i) => {
+    const mod = m.default as StageModule | undefined;
+    if (!mod || typeof mod.run !== 'function' || !mod.kind) throw new Error(`${label}/${files[i]}: does not default-export a stage module (defineStage({...}))`);
+    if (kinds.has(mod.kind)) throw new Error(`${label}/${files[i]}: kind "${mod.kind}" is defined twice`);
+    kinds.set(mod.kind, mod);
+  });
 }

@@ -125,6 +125,10 @@ export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<
     for (const meta of [SUMS_NAME, MANIFEST_NAME]) subjects.push({ name: meta, sha256: (await hashFile(path.join(tmp, meta))).sha256 });
     await fs.writeFile(path.join(tmp, STATEMENT_NAME), statementBytes(buildStatement(manifest, subjects)));
     if (opts.sign) await opts.sign(tmp);
+    // Metadata files were created under the caller's umask; artifacts were chmod'ed above.
+    for (const f of METADATA_FILES) await fs.chmod(path.join(tmp, f), 0o644).catch((e: NodeJS.ErrnoException) => {
+      if (e.code !== 'ENOENT') throw e;
+    });
     await setTimes(tmp, mtime);
     await swapIn(tmp, dest);
   } catch (e) {

@@ -107,11 +107,22 @@ const CHROOT_SCRIPT = [
   'mount -t proc proc "$root/proc"',
   'mount -t sysfs sysfs "$root/sys"',
   'mount --rbind /dev "$root/dev"',
+  // dracut creates the initramfs tree with the caller's umask: pin it.
+  'umask 022',
   'exec chroot "$root" "$@"',
 ].join('\n');
 
 export function chrootArgs(root: string, cmd: string[]): string[] {
   return ['--mount', '--propagation', 'private', '--fork', '--', 'sh', '-c', CHROOT_SCRIPT, 'sh', root, ...cmd];
+}
+
+/** Directories and executables 0755, other files 0644, recursively. */
+async function normaliseModes(p: string): Promise<void> {
+  const st = await stat(p);
+  if (st.isDirectory()) {
+    await chmod(p, 0o755);
+    for (const e of await readdir(p)) await normaliseModes(join(p, e));
+  } else if (st.isFile()) await chmod(p, st.mode & 0o111 ? 0o755 : 0o644);
 }
 
 async function copyAtomic(src: string, dst: string): Promise<void> {
@@ -123,7 +134,7 @@ async function copyAtomic(src: string, dst: string): Promise<void> {
 
 export default defineStage({
   kind: 'dracut',
-  version: '1',
+  version: '2',
   summary: 'kernel (vmlinuz) + initramfs (initrd.img) built by dracut inside the rootfs',
   params: Params,
   inputs: ['rootfs'],
@@ -190,6 +201,8 @@ export default defineStage({
       const dst = join(dracutDir, 'modules.d', src.split('/').pop()!);
       ctx.log(`installing dracut module ${src} -> ${dst.slice(root.length)}`);
       await cp(src, dst, { recursive: true, force: true });
+      // Modes from the checkout follow the umask it was made with; normalise them.
+      await normaliseModes(dst);
     }
     const dracutVersion = (await readFile(join(dracutDir, 'dracut-version.sh'), 'utf8').catch(() => ''))
       .match(/DRACUT_VERSION=["']?([^"'\s]+)/)?.[1];

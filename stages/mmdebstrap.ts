@@ -55,16 +55,21 @@ function hostArch(): Arch | undefined {
 // so the final rootfs is an ordinary Debian install (just without /boot/initrd.img-*).
 // The essential hook runs after the Essential:yes set is installed and before the
 // --include packages (which bring linux-image-* and initramfs-tools).
+// The same goes for /usr/bin/dracut: the full `dracut` package's kernel hook calls it
+// directly. Both binaries stay diverted to /bin/true only while packages install.
+const DIVERTED = ['/usr/sbin/update-initramfs', '/usr/bin/dracut'];
+
 export const ESSENTIAL_HOOK = [
   'set -e',
-  'dpkg-divert --root "$1" --quiet --local --rename --divert /usr/sbin/update-initramfs.pipeline-real --add /usr/sbin/update-initramfs',
-  'ln -s /bin/true "$1/usr/sbin/update-initramfs"',
+  ...DIVERTED.flatMap((f) => [
+    `dpkg-divert --root "$1" --quiet --local --rename --divert ${f}.pipeline-real --add ${f}`,
+    `ln -s /bin/true "$1${f}"`,
+  ]),
 ].join('\n');
 
 export const UNDIVERT_HOOK = [
   'set -e',
-  'rm -f "$1/usr/sbin/update-initramfs"',
-  'dpkg-divert --root "$1" --quiet --local --rename --divert /usr/sbin/update-initramfs.pipeline-real --remove /usr/sbin/update-initramfs',
+  ...DIVERTED.flatMap((f) => [`rm -f "$1${f}"`, `dpkg-divert --root "$1" --quiet --local --rename --divert ${f}.pipeline-real --remove ${f}`]),
 ].join('\n');
 
 // mmdebstrap copies the host's /etc/hostname and /etc/resolv.conf into the chroot;
@@ -183,7 +188,7 @@ async function moveFile(src: string, dst: string): Promise<void> {
 
 export default defineStage({
   kind: 'mmdebstrap',
-  version: '1',
+  version: '2',
   summary: 'Debian root filesystem (rootfs.tar) from a mirror with mmdebstrap',
   params: Params,
   inputs: [],

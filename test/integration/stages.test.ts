@@ -2,8 +2,7 @@
 // pipeline-test and powernode modules -> ipxe bundle -> qemu (TCG) boots it, both
 // directly and through the iPXE ROM over qemu's user-mode TFTP, and the serial
 // console shows the markers. Needs root, mmdebstrap, qemu-system-x86, ipxe-qemu and
-// the Debian mirror. PIPELINE_TEST_ROOTFS=/path/rootfs.tar reuses a rootfs built
-// earlier by the mmdebstrap stage (saves the mmdebstrap run).
+// the Debian mirror. The rootfs is the fixture's, from the shared test cache.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
@@ -13,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { z } from 'zod';
 import { runProcess } from '../../src/exec.js';
+import { fixtureRootfs } from '../helpers/fixture-rootfs.js';
 import { bootTest, ConsoleScanner, DEFAULT_FORBID } from '../../src/boot.js';
 import type { StageInput, StageModule } from '../../src/stage.js';
 import mmdebstrap, { installedPackages, mmdebstrapArgs, Params as MmParams } from '../../stages/mmdebstrap.js';
@@ -110,34 +110,22 @@ const ready =
 test('rootfs -> dracut -> ipxe boots under qemu', { skip: !ready && 'needs root, mmdebstrap, qemu-system-x86, ipxe-qemu', timeout: 30 * 60_000 }, async () => {
   const base = await mkdtemp(join(tmpdir(), 'pipeline-stages-'));
   try {
-    let rootfs: StageInput;
-    const reuse = process.env.PIPELINE_TEST_ROOTFS;
-    if (reuse) {
-      const dir = join(base, 'rootfs-reused');
-      await mkdir(dir);
-      await copyFile(reuse, join(dir, 'rootfs.tar'));
-      rootfs = { dir, files: ['rootfs.tar'], meta: {}, key: 'reused', kind: 'mmdebstrap' };
-    } else {
-      rootfs = await runStage(mmdebstrap, join(base, 'rootfs'), {
-        packages: ['linux-image-amd64', 'systemd-sysv', 'dracut-core'],
-      });
-      const pkgs = rootfs.meta.packages as Array<{ name: string; sha256?: string }>;
-      assert.ok(pkgs.some((p) => p.name === 'dracut-core' && p.sha256));
-      assert.equal((rootfs.meta.kernels as string[]).length, 1);
-      // No initramfs was generated inside the rootfs stage.
-      const list = await runProcess('tar', ['-tf', join(rootfs.dir, 'rootfs.tar')], { capture: true });
-      assert.doesNotMatch(list.stdout, /^\.\/boot\/initrd\.img-/m);
-      assert.match(list.stdout, /^\.\/usr\/sbin\/update-initramfs$/m);
-    }
+    // The fixture's rootfs, built by the engine (or found in the shared test cache).
+    const dir = join(base, 'rootfs');
+    await mkdir(dir);
+    await copyFile(await fixtureRootfs(), join(dir, 'rootfs.tar'));
+    const rootfs: StageInput = { dir, files: ['rootfs.tar'], meta: {}, key: 'fixture', kind: 'mmdebstrap' };
+    // No initramfs was generated inside the rootfs stage, and update-initramfs is restored.
+    const list = await runProcess('tar', ['-tf', join(dir, 'rootfs.tar')], { capture: true });
+    assert.doesNotMatch(list.stdout, /^\.\/boot\/initrd\.img-/m);
+    assert.match(list.stdout, /^\.\/usr\/sbin\/update-initramfs$/m);
     assert.deepEqual(rootfs.files, ['rootfs.tar']);
 
     const dparams = { modules: ['pipeline-test', 'powernode'] };
     const boot1 = await runStage(dracut, join(base, 'dracut1'), dparams, { rootfs });
     assert.deepEqual(boot1.files, ['initrd.img', 'vmlinuz']);
     assert.match(String(boot1.meta.kernel), /amd64$/);
-    // Same input, same params: byte-identical initramfs.
-    const boot2 = await runStage(dracut, join(base, 'dracut2'), dparams, { rootfs });
-    assert.equal(await sha256(join(boot1.dir, 'initrd.img')), await sha256(join(boot2.dir, 'initrd.img')));
+    // Byte-identical rebuilds are `pipeline repro`'s job (test/integration/repro.test.ts).
 
     const ipxeParams = ipxe.params.parse({ cmdline: 'console=ttyS0 powernode.id=from-cmdline' });
     const out = await runStage(ipxe, join(base, 'ipxe'), ipxeParams, { boot: boot1 });

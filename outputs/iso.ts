@@ -1,0 +1,157 @@
+// Hybrid BIOS+UEFI live ISO (live.iso): boots as a CD (El Torito) under SeaBIOS
+// and OVMF, and as a disk (USB stick, virtio) through an MBR/GPT hybrid.
+//
+// What boots: GRUB (host grub-mkimage) loads /boot/vmlinuz + /boot/initrd.img from
+// the ISO; the initramfs must contain dracut's dmsquash-live module, which finds
+// the ISO by label (root=live:CDLABEL=…), mounts /LiveOS/squashfs.img (the whole
+// rootfs) and an overlayfs with a tmpfs upper layer over it, and switches root
+// into it: the real OS runs, not just the initramfs.
+// So the spec must have: the rootfs package `dracut-live` (ships the module), and
+// the dracut stage `modules: [dmsquash-live]` (it pulls in dm, img-lib,
+// rootfs-block; overlayfs is used via rd.live.overlay.overlayfs=1).
+//
+// Layout (xorriso -as mkisofs, the same recipe grub-mkrescue uses):
+//  - El Torito entry 1 (BIOS): GRUB i386-pc-eltorito image, with boot info table.
+//  - El Torito entry 2 (UEFI): a small FAT image holding EFI/BOOT/BOOTX64.EFI,
+//    also appended as GPT partition 2 (an ESP) for UEFI disk boot.
+//  - MBR: GRUB's boot_hybrid.img, pointed at the El Torito image (BIOS disk boot).
+// Reproducibility: xorriso under SOURCE_DATE_EPOCH fixes volume dates, the volume
+// UUID and the GPT GUIDs; all staged files are stamped with the epoch; mksquashfs
+// is reproducible by design with -mkfs-time; the FAT image comes from mtools with
+// a derived serial.
+import { copyFile, mkdir, rename, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { defineStage, StageError, type BootPlan, type RunContext } from '../src/stage.js';
+import { alignUp, deriveFatSerial, GPT_TYPE, grubConfig, grubEarlyConfig, isoLabel, MiB } from '../src/diskimage.js';
+import { buildFat, contentSeed, extractRootfs, grubImage, requireRoot, stampTree } from '../src/diskbuild.js';
+import { ovmfArgs, virtioDisk } from './raw.js';
+
+export const Params = z
+  .object({
+    /** Extra kernel command line after the live-boot arguments and console=ttyS0. */
+    cmdline: z.string().regex(/^[^\n\r]*$/, 'cmdline must be a single line').default(''),
+    /** ISO volume label (root=live:CDLABEL=); default derived from the content. */
+    label: z.string().regex(/^[A-Z0-9_]{1,32}$/, 'label: upper case, digits, _ (max 32)').optional(),
+    /** squashfs compressor; zstd is fast to build and to boot. */
+    compression: z.enum(['zstd', 'xz', 'gzip', 'lz4']).default('zstd'),
+    /** GRUB menu timeout in seconds. */
+    timeout: z.number().int().min(0).max(60).default(1),
+  })
+  .strict();
+export type IsoParams = z.infer<typeof Params>;
+
+export function liveCmdline(label: string, extra: string): string {
+  return [`root=live:CDLABEL=${label}`, 'rd.live.image', 'rd.live.overlay.overlayfs=1', 'console=ttyS0', extra.trim()].filter(Boolean).join(' ');
+}
+
+export function squashfsArgs(tree: string, out: string, p: IsoParams, epoch: number): string[] {
+  const comp = p.compression === 'zstd' ? ['-comp', 'zstd', '-Xcompression-level', '6'] : ['-comp', p.compression];
+  return [tree, out, '-noappend', ...comp, '-mkfs-time', String(epoch), '-no-progress', '-quiet'];
+}
+
+export function xorrisoArgs(o: { out: string; label: string; staging: string; efiImg: string }): string[] {
+  return [
+    '-as', 'mkisofs',
+    '-iso-level', '3',
+    '-rational-rock',
+    '-volid', o.label,
+    '-output', o.out,
+    '--grub2-mbr', '/usr/lib/grub/i386-pc/boot_hybrid.img',
+    '-partition_offset', '16',
+    '--mbr-force-bootable',
+    '-append_partition', '2', GPT_TYPE.esp, o.efiImg,
+    '-appended_part_as_gpt',
+    '-eltorito-catalog', 'boot/boot.cat',
+    '-eltorito-boot', 'boot/grub/eltorito.img',
+    '-no-emul-boot', '-boot-load-size', '4', '-boot-info-table', '--grub2-boot-info',
+    '-eltorito-alt-boot',
+    '-e', '--interval:appended_partition_2:all::',
+    '-no-emul-boot',
+    o.staging,
+  ];
+}
+
+async function buildIso(ctx: RunContext<IsoParams>): Promise<void> {
+  requireRoot('the iso emitter');
+  const p = ctx.params;
+  const rootfs = ctx.inputs.rootfs!;
+  const boot = ctx.inputs.boot!;
+  for (const [inp, f] of [[rootfs, 'rootfs.tar'], [boot, 'vmlinuz'], [boot, 'initrd.img']] as const) {
+    if (!inp.files.includes(f)) throw new StageError(`input ${inp === rootfs ? 'rootfs' : 'boot'} has no ${f} (files: ${inp.files.join(', ')})`);
+  }
+  const tarPath = join(rootfs.dir, 'rootfs.tar');
+  const vmlinuz = join(boot.dir, 'vmlinuz');
+  const initrd = join(boot.dir, 'initrd.img');
+  const w = ctx.workDir;
+  const epoch = ctx.sourceDateEpoch;
+  const seed = await contentSeed('iso-v1', [tarPath, vmlinuz, initrd], { params: p, epoch });
+  const label = p.label ?? isoLabel(`LIVE_${seed.slice(0, 12)}`);
+
+  const tree = join(w, 'tree');
+  await extractRootfs(ctx, tarPath, tree);
+  const staging = join(w, 'iso');
+  await mkdir(join(staging, 'LiveOS'), { recursive: true });
+  await mkdir(join(staging, 'boot', 'grub'), { recursive: true });
+  await ctx.exec('mksquashfs', squashfsArgs(tree, join(staging, 'LiveOS', 'squashfs.img'), p, epoch), {
+    // mksquashfs refuses SOURCE_DATE_EPOCH together with -mkfs-time, and the variable
+    // would also reset every file's mtime; the explicit option fixes only the mkfs time.
+    env: { SOURCE_DATE_EPOCH: undefined },
+  });
+
+  const early = grubEarlyConfig({ label });
+  await grubImage(ctx, 'i386-pc-eltorito', join(staging, 'boot', 'grub', 'eltorito.img'), early, w);
+  const efiBin = join(w, 'BOOTX64.EFI');
+  await grubImage(ctx, 'x86_64-efi', efiBin, early, w);
+  const cmdline = liveCmdline(label, p.cmdline);
+  await writeFile(join(staging, 'boot', 'grub', 'grub.cfg'), grubConfig({ title: 'Linux (live)', kernel: '/boot/vmlinuz', initrd: '/boot/initrd.img', cmdline }, p.timeout));
+  await copyFile(vmlinuz, join(staging, 'boot', 'vmlinuz'));
+  await copyFile(initrd, join(staging, 'boot', 'initrd.img'));
+
+  const efiImg = join(w, 'efi.img');
+  const efiBytes = Math.max(4 * MiB, alignUp((await stat(efiBin)).size + MiB, MiB));
+  await buildFat(ctx, { image: efiImg, bytes: efiBytes, serial: deriveFatSerial(seed, 'iso-efi'), label: 'EFIBOOT', hiddenSectors: 0, fat32: false, files: [{ src: efiBin, dest: '/EFI/BOOT/BOOTX64.EFI' }], staging: join(w, 'fat-staging') });
+
+  await stampTree(staging, epoch);
+  const tmp = join(ctx.outDir, '.live.iso.partial');
+  await ctx.exec('xorriso', xorrisoArgs({ out: tmp, label, staging, efiImg }), { env: { SOURCE_DATE_EPOCH: String(epoch), TZ: 'UTC' } });
+  await rename(tmp, join(ctx.outDir, 'live.iso'));
+  ctx.setMeta({ kernel: boot.meta.kernel, cmdline, label, size: (await stat(join(ctx.outDir, 'live.iso'))).size });
+}
+
+export function isoBootPlans(ctx: { dir: string; workDir: string; firmware?: string }): BootPlan[] {
+  const iso = join(ctx.dir, 'live.iso').replace(/,/g, ',,');
+  const cd = ['-drive', `if=none,id=cd0,file=${iso},format=raw,media=cdrom,readonly=on`, '-device', 'ide-cd,drive=cd0,bootindex=0'];
+  const usb = ['-device', 'qemu-xhci', '-drive', `if=none,id=stick,file=${iso},format=raw,snapshot=on`, '-device', 'usb-storage,drive=stick,bootindex=0'];
+  const virtio = virtioDisk(join(ctx.dir, 'live.iso'), 'raw');
+  const plans: BootPlan[] = [];
+  if (!ctx.firmware || ctx.firmware === 'bios') {
+    plans.push({ qemu: 'qemu-system-x86_64', args: cd, label: 'iso as CD (SeaBIOS)' });
+    plans.push({ qemu: 'qemu-system-x86_64', args: usb, label: 'iso as USB disk (SeaBIOS)' });
+  }
+  if (!ctx.firmware || ctx.firmware === 'uefi') {
+    plans.push({ qemu: 'qemu-system-x86_64', args: [...ovmfArgs(ctx.workDir), ...cd], label: 'iso as CD (OVMF)' });
+    plans.push({ qemu: 'qemu-system-x86_64', args: [...ovmfArgs(ctx.workDir), ...virtio], label: 'iso as virtio disk (OVMF)' });
+  }
+  return plans;
+}
+
+export default defineStage({
+  kind: 'iso',
+  version: '1',
+  summary: 'hybrid BIOS+UEFI live ISO (GRUB, squashfs rootfs via dracut dmsquash-live)',
+  params: Params,
+  inputs: ['rootfs', 'boot'],
+  arches: ['amd64'],
+  // Not heavy: the emitters fed by one rootfs are meant to run side by side
+  // (each unpacks its own copy; no chroot, no network).
+  tools: () => [
+    { name: 'tar', apt: 'tar' },
+    { name: 'mksquashfs', apt: 'squashfs-tools', versionArgs: ['-version'] },
+    { name: 'xorriso', apt: 'xorriso' },
+    { name: 'mformat', apt: 'mtools' },
+    { name: 'grub-mkimage', apt: 'grub-common' },
+  ],
+  run: buildIso,
+  boot: isoBootPlans,
+});

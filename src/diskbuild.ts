@@ -1,0 +1,135 @@
+// I/O steps shared by the disk emitters (raw, iso): unpacking the rootfs tarball,
+// walking the tree, building a FAT image with mtools and GRUB images with the
+// host's grub-mkimage. All of it without mounting anything.
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { copyFile, lstat, mkdir, readdir, utimes, writeFile } from 'node:fs/promises';
+import { join, posix } from 'node:path';
+import { GRUB_COMMON_MODULES, type TreeEntry, type TreeStats } from './diskimage.js';
+import { StageError, type RunContext } from './stage.js';
+
+type Ctx = Pick<RunContext<unknown>, 'exec' | 'log' | 'sourceDateEpoch'>;
+
+/** sha256 of a file, hex. */
+export async function sha256File(path: string): Promise<string> {
+  const h = createHash('sha256');
+  for await (const c of createReadStream(path, { highWaterMark: 1 << 20 })) h.update(c as Buffer);
+  return h.digest('hex');
+}
+
+/** Seed for every derived identifier: the content of the inputs plus a purpose tag. */
+export async function contentSeed(tag: string, files: string[], extra: unknown): Promise<string> {
+  const h = createHash('sha256').update(`${tag}\0`);
+  for (const f of files) h.update(`${await sha256File(f)}\0`);
+  h.update(JSON.stringify(extra));
+  return h.digest('hex');
+}
+
+export function requireRoot(what: string): void {
+  if (typeof process.getuid === 'function' && process.getuid() !== 0) {
+    throw new StageError(`${what} must run as root (it unpacks a rootfs with its owners and device nodes)`);
+  }
+}
+
+/**
+ * Unpack rootfs.tar keeping owners, modes, device nodes, xattrs (file capabilities)
+ * and the tarball's mtimes. The input tarball itself is never modified.
+ */
+export async function extractRootfs(ctx: Ctx, tarPath: string, dest: string): Promise<void> {
+  await mkdir(dest, { recursive: true });
+  await ctx.exec('tar', ['-C', dest, '--extract', '--file', tarPath, '--preserve-permissions', '--same-owner', '--numeric-owner', '--xattrs', '--xattrs-include=*']);
+}
+
+/** Sorted walk of a tree: sizes for filesystem sizing and entries for time fixing. */
+export async function walkTree(root: string): Promise<{ stats: TreeStats; entries: TreeEntry[] }> {
+  const entries: TreeEntry[] = [];
+  let dataBytes = 0;
+  const seen = new Set<string>();
+  async function visit(rel: string): Promise<void> {
+    const abs = rel === '/' ? root : join(root, rel);
+    const st = await lstat(abs, { bigint: true });
+    entries.push({ path: rel, mtimeSec: Number(st.mtimeMs / 1000n) });
+    if (st.isFile()) {
+      const id = `${st.dev}:${st.ino}`;
+      if (!seen.has(id)) dataBytes += Math.ceil(Number(st.size) / 4096) * 4096;
+      seen.add(id);
+    } else if (st.isDirectory()) {
+      dataBytes += 4096;
+      const names = (await readdir(abs)).sort();
+      for (const n of names) await visit(posix.join(rel, n));
+    }
+  }
+  await visit('/');
+  return { stats: { dataBytes, inodes: entries.length }, entries };
+}
+
+export interface FatFile {
+  /** Host file to copy. */
+  src: string;
+  /** Path inside the FAT filesystem, e.g. /EFI/BOOT/BOOTX64.EFI. */
+  dest: string;
+}
+
+/**
+ * A FAT filesystem image filled by mtools: fixed serial, label and (through
+ * SOURCE_DATE_EPOCH and pre-set source mtimes) fixed timestamps.
+ */
+export async function buildFat(
+  ctx: Ctx,
+  opts: { image: string; bytes: number; serial: string; label: string; hiddenSectors: number; fat32: boolean; files: FatFile[]; staging: string },
+): Promise<void> {
+  const env = { SOURCE_DATE_EPOCH: String(ctx.sourceDateEpoch), MTOOLS_SKIP_CHECK: '1', TZ: 'UTC' };
+  // A fresh, sparse image of exactly the requested size.
+  await writeFile(opts.image, '');
+  await ctx.exec('truncate', ['--size', String(opts.bytes), opts.image]);
+  const fmt = ['-i', opts.image, '-N', opts.serial, '-v', opts.label, '-H', String(opts.hiddenSectors)];
+  if (opts.fat32) fmt.push('-F');
+  await ctx.exec('mformat', [...fmt, '::'], { env });
+  const dirs = new Set<string>();
+  for (const f of opts.files) {
+    const parts = f.dest.split('/').filter(Boolean);
+    for (let i = 1; i < parts.length; i++) dirs.add('/' + parts.slice(0, i).join('/'));
+  }
+  const sortedDirs = [...dirs].sort();
+  if (sortedDirs.length) await ctx.exec('mmd', ['-i', opts.image, ...sortedDirs.map((d) => `::${d}`)], { env });
+  await mkdir(opts.staging, { recursive: true });
+  let i = 0;
+  for (const f of [...opts.files].sort((a, b) => (a.dest < b.dest ? -1 : 1))) {
+    // mcopy -m carries the source mtime into the FAT entry: stage a copy stamped with the epoch.
+    const tmp = join(opts.staging, `f${i++}`);
+    await copyFile(f.src, tmp);
+    await utimes(tmp, ctx.sourceDateEpoch, ctx.sourceDateEpoch);
+    await ctx.exec('mcopy', ['-i', opts.image, '-m', '-o', tmp, `::${f.dest}`], { env });
+  }
+}
+
+export type GrubTarget = 'x86_64-efi' | 'i386-pc' | 'i386-pc-eltorito';
+
+/** A GRUB image with the early config and every module it needs built in (host grub-mkimage). */
+export async function grubImage(ctx: Ctx, target: GrubTarget, out: string, earlyCfg: string, scratch: string, extraModules: string[] = []): Promise<void> {
+  const cfg = join(scratch, `grub-early-${target}.cfg`);
+  await writeFile(cfg, earlyCfg);
+  const platform = target === 'x86_64-efi' ? ['efi_gop', 'efi_uga', 'all_video'] : ['biosdisk'];
+  const modules = [...new Set([...platform, ...GRUB_COMMON_MODULES, ...extraModules])];
+  const dir = `/usr/lib/grub/${target === 'x86_64-efi' ? 'x86_64-efi' : 'i386-pc'}`;
+  await ctx.exec('grub-mkimage', ['--directory', dir, '--format', target, '--output', out, '--config', cfg, '--prefix', '/boot/grub', ...modules]);
+}
+
+/** Stamp every file and directory below root (and root) with the epoch, deepest first. */
+export async function stampTree(root: string, epoch: number): Promise<void> {
+  const walk = async (d: string): Promise<void> => {
+    for (const e of await readdir(d, { withFileTypes: true })) {
+      const p = join(d, e.name);
+      if (e.isDirectory()) await walk(p);
+      if (!e.isSymbolicLink()) await utimes(p, epoch, epoch);
+    }
+  };
+  await walk(root);
+  await utimes(root, epoch, epoch);
+}
+
+/** `dd` one filesystem image into a disk at a byte offset (MiB aligned). */
+export async function ddInto(ctx: Ctx, src: string, disk: string, offsetBytes: number): Promise<void> {
+  if (offsetBytes % (1024 * 1024) !== 0) throw new StageError(`internal: offset ${offsetBytes} is not MiB aligned`);
+  await ctx.exec('dd', [`if=${src}`, `of=${disk}`, 'bs=1M', `seek=${offsetBytes / (1024 * 1024)}`, 'conv=notrunc,sparse', 'status=none']);
+}
