@@ -28,7 +28,8 @@ export async function resolveAsset(name: string, specDir: string): Promise<strin
 export async function digestTree(abs: string): Promise<string> {
   const h = createHash('sha256');
   const walk = async (p: string, rel: string) => {
-    const st = await fs.lstat(p);
+    // The asset itself may be a symlink (followed); links inside it are hashed as links.
+    const st = rel ? await fs.lstat(p) : await fs.stat(p);
     if (st.isSymbolicLink()) h.update(`L ${rel} ${await fs.readlink(p)}\n`);
     else if (st.isDirectory()) {
       h.update(`D ${rel}\n`);

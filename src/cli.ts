@@ -2,6 +2,7 @@
 import { Command, CommanderError, Option } from 'commander';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
+import { performance } from 'node:perf_hooks';
 import { specJsonSchema } from '../schema/spec.js';
 import { build, explain, loadSpec, prepare, VERSION } from './build.js';
 import { Cache, defaultCacheRoot } from './cache.js';
@@ -59,9 +60,12 @@ program
     const progress = new Progress(pickMode(!!o.json), process.stderr, !!o.verbose);
     const signal = interruptSignal();
     try {
+      const t0 = performance.now();
       const r = await build({ arch, variants, all: o.all, file: o.file, cacheDir: o.cacheDir, outDir: o.out, jobs: o.jobs, reporter: progress, signal, sign: o.sign });
       progress.stop();
-      reportBuild(progress, r.outcome.results, r.outcome.seconds, r.published.map((p) => path.relative(process.cwd(), p.dir) || '.'), r.prepared.plan.sinks);
+      // A configured cap is enforced after every build, so a CI cache never grows unbounded.
+      if (process.env.PIPELINE_CACHE_MAX_SIZE) await r.prepared.cache.gc(parseSize(process.env.PIPELINE_CACHE_MAX_SIZE));
+      reportBuild(progress, r.outcome.results, (performance.now() - t0) / 1000, r.published.map((p) => path.relative(process.cwd(), p.dir) || '.'), r.prepared.plan.sinks);
     } catch (e) {
       progress.stop();
       if (e instanceof BuildError && (e as { results?: StageResult[] }).results) {
