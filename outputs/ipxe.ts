@@ -52,6 +52,10 @@ export default defineStage({
         'ipxe kernel+initrd (direct boot)',
       ),
     ];
+    // arm64 has no network-boot plan: it would need iPXE built for arm64 EFI under
+    // AAVMF, and Debian bookworm's ipxe/ipxe-qemu ship x86 binaries only
+    // (ipxe.efi, snponly.efi are x86-64 PE). The direct boot covers the kernel,
+    // initramfs and the cmdline that boot.ipxe carries.
     if (ctx.arch === 'amd64') {
       // The real consumer: the NIC's iPXE ROM (ipxe-qemu) gets boot.ipxe from qemu's
       // built-in DHCP/TFTP (user-mode netdev, no host networking) and follows it.

@@ -22,7 +22,7 @@
 import { copyFile, mkdir, rename, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage, StageError, type BootPlan, type RunContext } from '../src/stage.js';
+import { defineStage, inputFile, StageError, type BootPlan, type RunContext } from '../src/stage.js';
 import { alignUp, deriveFatSerial, GPT_TYPE, grubConfig, grubEarlyConfig, isoLabel, MiB } from '../src/diskimage.js';
 import { buildFat, contentSeed, extractRootfs, grubImage, requireRoot, stampTree } from '../src/diskbuild.js';
 import { ovmfArgs, virtioDisk } from './raw.js';
@@ -75,14 +75,9 @@ export function xorrisoArgs(o: { out: string; label: string; staging: string; ef
 async function buildIso(ctx: RunContext<IsoParams>): Promise<void> {
   requireRoot('the iso emitter');
   const p = ctx.params;
-  const rootfs = ctx.inputs.rootfs!;
-  const boot = ctx.inputs.boot!;
-  for (const [inp, f] of [[rootfs, 'rootfs.tar'], [boot, 'vmlinuz'], [boot, 'initrd.img']] as const) {
-    if (!inp.files.includes(f)) throw new StageError(`input ${inp === rootfs ? 'rootfs' : 'boot'} has no ${f} (files: ${inp.files.join(', ')})`);
-  }
-  const tarPath = join(rootfs.dir, 'rootfs.tar');
-  const vmlinuz = join(boot.dir, 'vmlinuz');
-  const initrd = join(boot.dir, 'initrd.img');
+  const tarPath = inputFile(ctx.inputs, 'rootfs', 'rootfs.tar');
+  const vmlinuz = inputFile(ctx.inputs, 'boot', 'vmlinuz');
+  const initrd = inputFile(ctx.inputs, 'boot', 'initrd.img');
   const w = ctx.workDir;
   const epoch = ctx.sourceDateEpoch;
   const seed = await contentSeed('iso-v1', [tarPath, vmlinuz, initrd], { params: p, epoch });
@@ -116,7 +111,7 @@ async function buildIso(ctx: RunContext<IsoParams>): Promise<void> {
   const tmp = join(ctx.outDir, '.live.iso.partial');
   await ctx.exec('xorriso', xorrisoArgs({ out: tmp, label, staging, efiImg }), { env: { SOURCE_DATE_EPOCH: String(epoch), TZ: 'UTC' } });
   await rename(tmp, join(ctx.outDir, 'live.iso'));
-  ctx.setMeta({ kernel: boot.meta.kernel, cmdline, label, size: (await stat(join(ctx.outDir, 'live.iso'))).size });
+  ctx.setMeta({ kernel: ctx.inputs.boot!.meta.kernel, cmdline, label, size: (await stat(join(ctx.outDir, 'live.iso'))).size });
 }
 
 export function isoBootPlans(ctx: { dir: string; workDir: string; firmware?: string }): BootPlan[] {

@@ -26,7 +26,7 @@ import { copyFileSync } from 'node:fs';
 import { open, readFile, rename, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage, StageError, type BootPlan, type RunContext, type ToolSpec } from '../src/stage.js';
+import { defineStage, inputFile, StageError, type BootPlan, type RunContext, type ToolSpec } from '../src/stage.js';
 import {
   autoEspBytes,
   autoExt4Bytes,
@@ -142,14 +142,9 @@ export function rawCmdline(rootUuid: string, extra: string): string {
 async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
   requireRoot('the raw emitter');
   const p = ctx.params;
-  const rootfs = ctx.inputs.rootfs!;
-  const boot = ctx.inputs.boot!;
-  for (const [inp, f] of [[rootfs, 'rootfs.tar'], [boot, 'vmlinuz'], [boot, 'initrd.img']] as const) {
-    if (!inp.files.includes(f)) throw new StageError(`input ${inp === rootfs ? 'rootfs' : 'boot'} has no ${f} (files: ${inp.files.join(', ')})`);
-  }
-  const tarPath = join(rootfs.dir, 'rootfs.tar');
-  const vmlinuz = join(boot.dir, 'vmlinuz');
-  const initrd = join(boot.dir, 'initrd.img');
+  const tarPath = inputFile(ctx.inputs, 'rootfs', 'rootfs.tar');
+  const vmlinuz = inputFile(ctx.inputs, 'boot', 'vmlinuz');
+  const initrd = inputFile(ctx.inputs, 'boot', 'initrd.img');
   const w = ctx.workDir;
   const epoch = ctx.sourceDateEpoch;
 
@@ -246,7 +241,7 @@ async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
   await rename(tmpDisk, join(ctx.outDir, 'disk.raw'));
 
   ctx.setMeta({
-    kernel: boot.meta.kernel,
+    kernel: ctx.inputs.boot!.meta.kernel,
     cmdline,
     size: plan.totalBytes,
     root_uuid: rootUuid,

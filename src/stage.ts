@@ -139,6 +139,14 @@ export class StageError extends Error {
   }
 }
 
+/** Absolute path of a file a stage needs from one of its inputs; a clear error if it is not there. */
+export function inputFile(inputs: Record<string, StageInput>, input: string, file: string): string {
+  const inp = inputs[input];
+  if (!inp) throw new StageError(`input "${input}" is missing`);
+  if (!inp.files.includes(file)) throw new StageError(`input "${input}" (${inp.kind}) has no ${file} (files: ${inp.files.join(', ') || 'none'})`);
+  return `${inp.dir}/${file}`;
+}
+
 export function defineStage<S extends z.ZodType>(m: StageModule<S>): StageModule<S> {
   return m;
 }
