@@ -217,17 +217,30 @@ program
   .option('-o, --out <dir>', 'output root', 'images')
   .option('--insecure', 'plain http (default only for loopback registries)')
   .option('--chunk-size <bytes>', 'upload blobs larger than this in chunks', (v) => parseSize(v))
+  .option('--sign <key>', 'sign the provenance (as for build) and attach it to the pushed image as an OCI referrer')
   .option('--json')
   .action(async (arch: string, variant: string, o) => {
     const progress = new Progress(pickMode(!!o.json), process.stderr, false);
     const signal = interruptSignal();
-    const r = await build({ arch, variants: [variant], file: o.file, cacheDir: o.cacheDir, outDir: o.out, reporter: progress, signal });
+    const r = await build({ arch, variants: [variant], file: o.file, cacheDir: o.cacheDir, outDir: o.out, reporter: progress, signal, sign: o.sign });
     progress.stop();
-    const dir = r.published[0]!.dir;
+    const pub = r.published[0]!;
     const { pushLayout } = await import('./registry.js');
-    const res = await pushLayout(dir, o.to, { insecure: o.insecure ? true : undefined, chunkSize: o.chunkSize, signal, log: (l: string) => progress.info(`  ${l}`) });
-    if (o.json) process.stdout.write(JSON.stringify({ event: 'push', ref: o.to, ...res }) + '\n');
-    else process.stderr.write(`pushed ${o.to}@${res.digest} (${res.pushed.length} blobs uploaded, ${res.skipped.length} already there)\n`);
+    const opts = { insecure: o.insecure ? true : undefined, chunkSize: o.chunkSize, signal, log: (l: string) => progress.info(`  ${l}`) };
+    const res = await pushLayout(pub.dir, o.to, opts);
+    // A signed build's bundle travels with the image (cosign-style referrer).
+    let attestation: { tag: string; digest: string } | undefined;
+    if (pub.manifest.attestation.bundle) {
+      const { layoutSubject, pushBundleReferrer } = await import('./referrers.js');
+      const subject = await layoutSubject(pub.dir);
+      if (subject.digest !== res.digest) throw new BuildError(`pushed ${res.digest} but the layout's image is ${subject.digest}; not attaching provenance`);
+      attestation = await pushBundleReferrer(pub.dir, o.to, subject, opts);
+    }
+    if (o.json) process.stdout.write(JSON.stringify({ event: 'push', ref: o.to, ...res, attestation }) + '\n');
+    else {
+      process.stderr.write(`pushed ${o.to}@${res.digest} (${res.pushed.length} blobs uploaded, ${res.skipped.length} already there)\n`);
+      if (attestation) process.stderr.write(`attached signed provenance as ${o.to.replace(/:[^:/]*$/, '')}:${attestation.tag}\n`);
+    }
   });
 
 program

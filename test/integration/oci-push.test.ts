@@ -51,6 +51,31 @@ test('pipeline push uploads to a real registry, skips what is there, and skopeo 
   assert.equal(back.manifests[0].digest, ev1.digest);
 });
 
+test('push --sign attaches the signed provenance as a referrer whose subject is the pushed image', async () => {
+  const keys = path.join(work, 'keys');
+  assert.equal((await cli(['keygen', '--out', keys])).code, 0);
+  const ref = `${registry.host}/powernode:signed`;
+  const signedOut = path.join(work, 'signed');
+  const p = await cli(['push', 'amd64', 'oci', '--to', ref, '--sign', path.join(keys, 'signing.key'), '-f', FIXTURE, '--out', signedOut, '--json']);
+  assert.equal(p.code, 0, p.stderr);
+  const ev = p.events.find((e) => e.event === 'push') as { digest: string; attestation: { tag: string; digest: string } };
+  assert.equal(ev.attestation.tag, ev.digest.replace(':', '-'));
+  // A real client reads the referrer from the registry.
+  const raw = JSON.parse(execFileSync('skopeo', ['inspect', '--raw', '--tls-verify=false', `docker://${registry.host}/powernode:${ev.attestation.tag}`], { encoding: 'utf8' }));
+  assert.equal(raw.subject.digest, ev.digest);
+  assert.equal(raw.artifactType, 'application/vnd.dev.sigstore.bundle.v0.3+json');
+  const pulled = path.join(work, 'referrer');
+  execFileSync('skopeo', ['copy', '--src-tls-verify=false', `docker://${registry.host}/powernode:${ev.attestation.tag}`, `oci:${pulled}:x`], { stdio: 'pipe' });
+  const bundle = await fs.readFile(path.join(pulled, 'blobs', 'sha256', raw.layers[0].digest.slice(7)));
+  const dir = path.join(signedOut, 'oci', 'amd64');
+  // The registry holds exactly the bundle `verify` accepts, and it covers the pushed manifest.
+  assert.ok(bundle.equals(await fs.readFile(path.join(dir, 'provenance.sigstore.json'))));
+  const v = await cli(['verify', dir, '--key', path.join(keys, 'signing.pub')]);
+  assert.equal(v.code, 0, v.stderr);
+  const statement = JSON.parse(Buffer.from(JSON.parse(bundle.toString()).dsseEnvelope.payload, 'base64').toString());
+  assert.ok(statement.subject.some((s: { name: string; digest: { sha256: string } }) => `sha256:${s.digest.sha256}` === ev.digest && s.name === `blobs/sha256/${ev.digest.slice(7)}`));
+});
+
 test('push to an unreachable registry fails with a clear error', async () => {
   const r = await cli(['push', 'amd64', 'oci', '--to', '127.0.0.1:1/x:y', '-f', FIXTURE, '--out', out]);
   assert.equal(r.code, 1);
