@@ -15,6 +15,7 @@ export const DEFAULT_FORBID = [
   'emergency mode',
   'Entering emergency',
   'dracut-emergency',
+  'You are in emergency mode',
   'Failed to start',
 ];
 

@@ -2,7 +2,7 @@
 // qemu and require the spec's markers on the serial console.
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { bootTest } from './boot.js';
+import { bootTest, effectiveAccel } from './boot.js';
 import type { BuildResult } from './build.js';
 import { chooseAccel } from './doctor.js';
 import { UsageError } from './errors.js';
@@ -37,6 +37,7 @@ export async function runBootTests(r: BuildResult, o: BootTestOptions): Promise<
       }
       if (!plans.length) throw new UsageError(`variant "${pub.variant}" produces nothing bootable${o.firmware ? ` with firmware ${o.firmware}` : ''}`);
       for (const bp of plans) {
+        const used = effectiveAccel(bp.qemu, accel); // foreign-arch emulators always run TCG
         const logFile = path.join(cache.root, 'logs', plan.spec.name, plan.arch, `boot-${pub.variant}-${bp.label.replace(/[^A-Za-z0-9._-]+/g, '_')}.log`);
         await fs.mkdir(path.dirname(logFile), { recursive: true });
         const res = await bootTest(bp, {
@@ -44,16 +45,16 @@ export async function runBootTests(r: BuildResult, o: BootTestOptions): Promise<
           forbid: info.bootTest.forbid,
           timeoutMs: info.bootTest.timeout * 1000,
           memory: info.bootTest.memory,
-          accel,
+          accel: used,
           signal: o.signal,
           logFile,
           onLine: o.verbose ? (l: string) => process.stderr.write(`    │ ${l}\n`) : undefined,
         });
         ok &&= res.ok;
         if (o.json) {
-          process.stdout.write(JSON.stringify({ event: 'boot-test', variant: pub.variant, label: bp.label, accel, ...res }) + '\n');
+          process.stdout.write(JSON.stringify({ event: 'boot-test', variant: pub.variant, label: bp.label, accel: used, ...res }) + '\n');
         } else if (res.ok) {
-          process.stderr.write(`  ✓ boot ${pub.variant}/${plan.arch} ${bp.label}: ${res.matched.join(', ')} in ${fmt(res.seconds)} (${accel})\n`);
+          process.stderr.write(`  ✓ boot ${pub.variant}/${plan.arch} ${bp.label}: ${res.matched.join(', ')} in ${fmt(res.seconds)} (${used})\n`);
         } else {
           const why = res.forbidden.length ? `forbidden output: ${res.forbidden.join(', ')}` : `missing marker(s): ${res.missing.join(', ')} after ${fmt(res.seconds)}`;
           process.stderr.write(`  ✗ boot ${pub.variant}/${plan.arch} ${bp.label}: ${why}\n${res.logTail.split('\n').map((l) => `    │ ${l}`).join('\n')}\n    full console log: ${logFile}\n`);

@@ -29,15 +29,8 @@ export interface BootTestResult {
   reason?: string;
 }
 
-/** Forbidden patterns worth using when a spec gives none. */
-export const DEFAULT_FORBID = [
-  'Kernel panic',
-  'Call Trace',
-  'emergency mode',
-  'Entering emergency',
-  'dracut-emergency',
-  'You are in emergency mode',
-];
+/** Forbidden patterns when a spec gives none (one list, defined with the spec schema). */
+export { DEFAULT_FORBID } from '../schema/spec.js';
 
 /** The engine's own qemu arguments; the plan's come after (so a plan may override -m). */
 export function qemuBaseArgs(accel: 'kvm' | 'tcg', memory: string): string[] {

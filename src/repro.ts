@@ -16,8 +16,8 @@ import { allVariants, loadSpec } from './build.js';
 import { Cache, writeAtomic, type Entry } from './cache.js';
 import { requirements } from './compile.js';
 import { hashFile } from './digest.js';
-import { gitCommitTime } from './epoch.js';
-import { BuildError, UsageError } from './errors.js';
+import { resolveEpoch } from './epoch.js';
+import { BuildError } from './errors.js';
 import { safeRemove } from './fsutil.js';
 import { extraKindDirs, KINDS_PATH_ENV, PACKAGE_ROOT } from './kinds.js';
 import { BUNDLE_NAME } from './manifest-types.js';
@@ -117,17 +117,15 @@ export interface ReproOptions {
 // ---------------------------------------------------------------------------
 // SOURCE_DATE_EPOCH and the clock
 
-/** Explicit env value, else the spec's git commit time, else the spec's value, else 0. */
+/**
+ * The epoch both builds share: resolved exactly as `pipeline build` resolves it
+ * (env, then the spec's source_date_epoch, then the spec's git commit time), so
+ * repro proves the artifacts a normal build makes.
+ */
 export async function reproEpoch(specFile: string, specValue: number | undefined, env = process.env): Promise<{ value: number; source: string }> {
-  const e = env.SOURCE_DATE_EPOCH;
-  if (e !== undefined && e !== '') {
-    if (!/^\d+$/.test(e)) throw new UsageError(`SOURCE_DATE_EPOCH must be a whole number of seconds, got "${e}"`);
-    return { value: Number(e), source: 'SOURCE_DATE_EPOCH from the environment' };
-  }
-  const git = await gitCommitTime(specFile);
-  if (git !== undefined) return { value: git, source: `git commit time of ${path.basename(specFile)}` };
-  if (specValue !== undefined) return { value: specValue, source: "the spec's source_date_epoch (spec not committed in git)" };
-  return { value: 0, source: 'default 0 (no git history, no source_date_epoch)' };
+  const r = await resolveEpoch(specFile, specValue, env);
+  const words = { env: 'SOURCE_DATE_EPOCH from the environment', spec: "the spec's source_date_epoch", git: `git commit time of ${path.basename(specFile)}`, default: 'default 0 (no source_date_epoch, no git history)' };
+  return { value: r.epoch, source: words[r.source] };
 }
 
 /** Does faketime exist and actually move node's clock forward? */

@@ -127,7 +127,6 @@ export function chrootArgs(root: string, cmd: string[]): string[] {
 const HOST_GZIP_DIR = '/var/tmp/pipeline-host-gzip';
 export const HOST_GZIP_WRAPPER = [
   '#!/bin/sh',
-  `[ -x ${HOST_GZIP_DIR}/ld.so ] || exec ${HOST_GZIP_DIR}/gzip "$@"`,
   `exec ${HOST_GZIP_DIR}/ld.so --library-path ${HOST_GZIP_DIR} ${HOST_GZIP_DIR}/gzip "$@"`,
   '',
 ].join('\n');
@@ -172,12 +171,15 @@ async function installHostGzip(
     log('compressing with the rootfs gzip under emulation (this dracut cannot take the host gzip)');
     return {};
   }
+  const { loader, libs } = parseLdd((await exec('ldd', [gzip], { capture: true }).catch(() => ({ stdout: '' }))).stdout);
+  if (!loader) {
+    log(`compressing with the rootfs gzip under emulation (no dynamic loader found for ${gzip})`);
+    return {};
+  }
   const dir = join(root, HOST_GZIP_DIR);
   await mkdir(dir, { recursive: true });
-  // ldd exits non-zero for a static binary: that just means nothing to copy.
-  const { loader, libs } = parseLdd((await exec('ldd', [gzip], { capture: true }).catch(() => ({ stdout: '' }))).stdout);
   for (const f of libs) await copyFile(await realpath(f), join(dir, basename(f)));
-  if (loader) await copyFile(await realpath(loader), join(dir, 'ld.so'));
+  await copyFile(await realpath(loader), join(dir, 'ld.so'));
   await copyFile(await realpath(gzip), join(dir, 'gzip'));
   for (const f of await readdir(dir)) await chmod(join(dir, f), 0o755);
   await writeFile(join(dir, 'gzip-wrapper'), HOST_GZIP_WRAPPER, { mode: 0o755 });
