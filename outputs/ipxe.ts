@@ -3,9 +3,9 @@
 import { rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage, StageError } from '../src/stage.js';
+import { defineStage } from '../src/stage.js';
 import { directKernelBoot } from '../src/boot.js';
-import { copyOut, defaultCmdline, FILES } from './kernel-initrd.js';
+import { copyKernelInitrd, defaultCmdline } from './kernel-initrd.js';
 
 export const Params = z
   .object({
@@ -32,11 +32,7 @@ export default defineStage({
   inputs: ['boot'],
   tools: () => [],
   async run(ctx) {
-    const boot = ctx.inputs.boot;
-    for (const f of FILES) {
-      if (!boot.files.includes(f)) throw new StageError(`input boot has no ${f} (files: ${boot.files.join(', ')})`);
-      await copyOut(boot.dir, ctx.outDir, f);
-    }
+    await copyKernelInitrd(ctx.inputs, ctx.outDir);
     const tmp = join(ctx.outDir, '.boot.ipxe.partial');
     await writeFile(tmp, ipxeScript(defaultCmdline(ctx.arch, ctx.params.cmdline)), { mode: 0o644 });
     await rename(tmp, join(ctx.outDir, 'boot.ipxe'));

@@ -2,7 +2,7 @@
 import { chmod, copyFile, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage, StageError } from '../src/stage.js';
+import { defineStage, inputFile, type StageInput } from '../src/stage.js';
 import { directKernelBoot, SERIAL_CONSOLE } from '../src/boot.js';
 
 export const Params = z
@@ -14,12 +14,17 @@ export const Params = z
 
 export const FILES = ['vmlinuz', 'initrd.img'] as const;
 
-/** Copy (never hardlink: outputs must not alias cache entries) through a temp name. */
-export async function copyOut(fromDir: string, toDir: string, name: string): Promise<void> {
-  const tmp = join(toDir, `.${name}.partial`);
-  await copyFile(join(fromDir, name), tmp);
-  await chmod(tmp, 0o644);
-  await rename(tmp, join(toDir, name));
+/**
+ * Copy the boot input's kernel and initramfs to outDir (never hardlink: outputs
+ * must not alias cache entries), each through a temp name.
+ */
+export async function copyKernelInitrd(inputs: Record<string, StageInput>, outDir: string): Promise<void> {
+  for (const name of FILES) {
+    const tmp = join(outDir, `.${name}.partial`);
+    await copyFile(inputFile(inputs, 'boot', name), tmp);
+    await chmod(tmp, 0o644);
+    await rename(tmp, join(outDir, name));
+  }
 }
 
 export function defaultCmdline(arch: 'amd64' | 'arm64', cmdline?: string): string {
@@ -34,11 +39,7 @@ export default defineStage({
   inputs: ['boot'],
   tools: () => [],
   async run(ctx) {
-    const boot = ctx.inputs.boot;
-    for (const f of FILES) {
-      if (!boot.files.includes(f)) throw new StageError(`input boot has no ${f} (files: ${boot.files.join(', ')})`);
-      await copyOut(boot.dir, ctx.outDir, f);
-    }
+    await copyKernelInitrd(ctx.inputs, ctx.outDir);
   },
   boot(ctx) {
     return directKernelBoot(
