@@ -57,3 +57,8 @@ test('schema exports JSON Schema for editors', async () => {
   assert.ok(s.properties.stages);
   assert.ok(s.properties.variants);
 });
+
+test('the committed schema/spec.schema.json is what `pipeline schema` prints', async () => {
+  const r = await cli(['schema']);
+  assert.equal(await fs.readFile(path.join(ROOT, 'schema', 'spec.schema.json'), 'utf8'), r.stdout, 'run: node bin/pipeline.js schema > schema/spec.schema.json');
+});
