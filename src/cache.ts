@@ -8,7 +8,7 @@
 //   tmp/                    staging; same filesystem so commits are renames
 // An entry appears only when complete: blobs are fsynced and renamed first, the
 // record last. A crash leaves at most unreferenced blobs, which `gc` removes.
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { constants as fsc, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -341,8 +341,4 @@ export async function writeAtomic(file: string, data: string | Buffer, tmpDir = 
     await fs.rm(tmp, { force: true });
     throw e;
   }
-}
-
-export function digestOfString(s: string): string {
-  return createHash('sha256').update(s).digest('hex');
 }
