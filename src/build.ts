@@ -12,8 +12,9 @@ import { loadKinds, PACKAGE_ROOT, type Kinds } from './kinds.js';
 import { publish, type Published } from './publish.js';
 import { runPlan, type Reporter, type RunOutcome } from './scheduler.js';
 import { loadSpecFile, type LoadedSpec } from './spec.js';
+import { hostArch } from './stage.js';
 import { aptInstallLine, preflight } from './doctor.js';
-import { debianArch, toolVersions } from './probe.js';
+import { toolVersions } from './probe.js';
 
 /** Same name as in signing.ts, repeated so this module need not load sigstore. */
 const SIGNING_KEY_ENV = 'PIPELINE_SIGNING_KEY';
@@ -159,7 +160,7 @@ async function checkHost(plan: Plan, cache: Cache): Promise<void> {
   const misses = (await Promise.all(plan.stages.map(async (s) => ((await cache.lookup(s.key)) ? undefined : s)))).filter((s) => s !== undefined);
   if (!misses.length) return;
   const needs = new Set(misses.flatMap((s) => s.mod.requires ?? []));
-  const foreign = debianArch(process.arch) !== plan.arch && misses.some((s) => s.mod.requires?.includes('foreign-exec'));
+  const foreign = hostArch() !== plan.arch && misses.some((s) => s.mod.requires?.includes('foreign-exec'));
   const errors = await preflight({
     tools: [],
     arches: foreign ? [plan.arch] : [],

@@ -6,6 +6,17 @@ import type { z } from 'zod';
 export const ARCHES = ['amd64', 'arm64'] as const;
 export type Arch = (typeof ARCHES)[number];
 
+/** The Debian arch of the machine we run on (undefined if it is neither). */
+export function hostArch(): Arch | undefined {
+  return process.arch === 'x64' ? 'amd64' : process.arch === 'arm64' ? 'arm64' : undefined;
+}
+
+/** The qemu-user emulator a stage runs target binaries through, when the arch is foreign. */
+export function emulatorTools(arch: Arch): ToolSpec[] {
+  const name = { amd64: 'qemu-x86_64-static', arm64: 'qemu-aarch64-static' }[arch];
+  return hostArch() === arch ? [] : [{ name, apt: 'qemu-user-static' }];
+}
+
 /** An external program a stage runs. Its version goes into the cache key. */
 export interface ToolSpec {
   /** Executable name looked up on PATH, e.g. "mmdebstrap". */

@@ -7,7 +7,7 @@ import { basename, delimiter, join, resolve } from 'node:path';
 import { z } from 'zod';
 import { packageAsset } from '../src/assets.js';
 import { PACKAGE_ROOT } from '../src/kinds.js';
-import { defineStage, StageError, type Arch, type ToolSpec } from '../src/stage.js';
+import { defineStage, emulatorTools, hostArch, StageError, type Arch, type ToolSpec } from '../src/stage.js';
 
 // dracut splits module/driver lists on whitespace; keep names to a safe alphabet.
 const ITEM_RE = /^[A-Za-z0-9_.+-]+$/;
@@ -36,10 +36,6 @@ export const Params = z
   .strict();
 export type DracutParams = z.infer<typeof Params>;
 
-const QEMU_USER: Record<Arch, string> = { amd64: 'qemu-x86_64-static', arm64: 'qemu-aarch64-static' };
-function hostArch(): Arch | undefined {
-  return process.arch === 'x64' ? 'amd64' : process.arch === 'arm64' ? 'arm64' : undefined;
-}
 
 /** The pipeline's own dracut/modules.d, found from this file (works from source and from dist/). */
 export function builtinModulesDir(): string | undefined {
@@ -218,7 +214,7 @@ export default defineStage({
       { name: 'unshare', apt: 'util-linux' },
       { name: 'chroot', apt: 'coreutils' },
     ];
-    if (hostArch() !== arch) tools.push({ name: QEMU_USER[arch], apt: 'qemu-user-static' });
+    tools.push(...emulatorTools(arch));
     if (hostGzip(p, arch)) tools.push({ name: 'gzip', apt: 'gzip' });
     return tools;
   },

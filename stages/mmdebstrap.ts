@@ -5,7 +5,7 @@ import { copyFile, mkdir, readFile, readdir, rename, rm } from 'node:fs/promises
 import { join } from 'node:path';
 import { z } from 'zod';
 import { within } from '../src/fsutil.js';
-import { defineStage, StageError, type Arch, type ToolSpec } from '../src/stage.js';
+import { defineStage, emulatorTools, StageError, type Arch, type ToolSpec } from '../src/stage.js';
 import type { DebPackage } from '../src/manifest-types.js';
 
 const PKG_RE = /^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$/;
@@ -42,11 +42,6 @@ export type MmdebstrapParams = z.infer<typeof Params>;
 
 // mmdebstrap's debian arch names match ours, but keep the mapping explicit.
 const DEB_ARCH: Record<Arch, string> = { amd64: 'amd64', arm64: 'arm64' };
-const QEMU_USER: Record<Arch, string> = { amd64: 'qemu-x86_64-static', arm64: 'qemu-aarch64-static' };
-
-function hostArch(): Arch | undefined {
-  return process.arch === 'x64' ? 'amd64' : process.arch === 'arm64' ? 'arm64' : undefined;
-}
 
 // Why a divert rather than path-exclude of /etc/kernel/postinst.d: update-initramfs is
 // reached three ways (the kernel postinst.d hook, initramfs-tools' own postinst on
@@ -201,7 +196,7 @@ export default defineStage({
       { name: 'dpkg-divert', apt: 'dpkg' },
     ];
     // Foreign-arch maintainer scripts run through binfmt_misc + qemu-user.
-    if (hostArch() !== arch) tools.push({ name: QEMU_USER[arch], apt: 'qemu-user-static' });
+    tools.push(...emulatorTools(arch));
     return tools;
   },
   assets: (p) => (p.overlay ? [p.overlay] : []),
