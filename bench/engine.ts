@@ -8,8 +8,8 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { compile } from '../src/compile.js';
-import { parseSpec } from '../src/spec.js';
+import { compile } from '../src/engine/compile.js';
+import { parseSpec } from '../src/engine/spec.js';
 import { testKinds } from '../test/helpers/test-kinds.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');

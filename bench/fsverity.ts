@@ -8,7 +8,7 @@ import { createCipheriv, createHash } from 'node:crypto';
 import { open, mkdtemp, rm } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { FsVerityHasher, hashFile } from '../src/digest.js';
+import { FsVerityHasher, hashFile } from '../src/lib/digest.js';
 
 const sizeMiB = Number(process.argv[2] ?? 1024);
 const rounds = Number(process.argv[3] ?? 3);

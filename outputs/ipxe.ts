@@ -4,7 +4,7 @@ import { rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { defineStage } from '../src/stage.js';
-import { directKernelBoot } from '../src/boot.js';
+import { directKernelBoot } from '../src/boot/boot.js';
 import { copyKernelInitrd, defaultCmdline } from './kernel-initrd.js';
 
 export const Params = z

@@ -23,8 +23,8 @@ import { copyFile, mkdir, rename, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { defineStage, inputFile, StageError, type BootPlan, type RunContext } from '../src/stage.js';
-import { alignUp, deriveFatSerial, GPT_TYPE, grubConfig, grubEarlyConfig, isoLabel, MiB } from '../src/diskimage.js';
-import { buildFat, contentSeed, extractRootfs, grubImage, requireRoot, stampTree } from '../src/diskbuild.js';
+import { alignUp, deriveFatSerial, GPT_TYPE, grubConfig, grubEarlyConfig, isoLabel, MiB } from '../src/lib/diskimage.js';
+import { buildFat, contentSeed, extractRootfs, grubImage, requireRoot, stampTree } from '../src/lib/diskbuild.js';
 import { ovmfArgs, virtioDisk } from './raw.js';
 
 export const Params = z

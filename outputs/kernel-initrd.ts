@@ -3,7 +3,7 @@ import { chmod, copyFile, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { defineStage, inputFile, type StageInput } from '../src/stage.js';
-import { directKernelBoot, SERIAL_CONSOLE } from '../src/boot.js';
+import { directKernelBoot, SERIAL_CONSOLE } from '../src/boot/boot.js';
 
 export const Params = z
   .object({

@@ -21,9 +21,9 @@ import {
   writeLayerTar,
   writeNew,
   type Descriptor,
-} from '../src/oci-layout.js';
+} from '../src/lib/oci-layout.js';
 import { defineStage, StageError, type StageInput } from '../src/stage.js';
-import { readTarTree, TarError } from '../src/tarfs.js';
+import { readTarTree, TarError } from '../src/lib/tarfs.js';
 
 const LABEL_KEY_RE = /^[A-Za-z0-9][A-Za-z0-9._/-]*$/;
 

@@ -45,8 +45,8 @@ import {
   SECTOR,
   sfdiskScript,
   type DiskPlan,
-} from '../src/diskimage.js';
-import { buildFat, contentSeed, ddInto, extractRootfs, grubImage, requireRoot, walkTree } from '../src/diskbuild.js';
+} from '../src/lib/diskimage.js';
+import { buildFat, contentSeed, ddInto, extractRootfs, grubImage, requireRoot, walkTree } from '../src/lib/diskbuild.js';
 
 const SIZE_RE = /^\d+[KMGT]?$/i;
 

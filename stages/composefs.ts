@@ -12,10 +12,10 @@ import { lstat, mkdir, open, readdir, readFile, readlink, rename, rm, stat } fro
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { z } from 'zod';
-import { dumpLines, MAX_INLINE, objectPath } from '../src/composefs-dump.js';
-import { FsVerityHasher } from '../src/digest.js';
+import { dumpLines, MAX_INLINE, objectPath } from '../src/lib/composefs-dump.js';
+import { FsVerityHasher } from '../src/lib/digest.js';
 import { defineStage, StageError, type StageInput } from '../src/stage.js';
-import { ContentReader, type FsTree, type Inode, readTarTree, showPath, TarError } from '../src/tarfs.js';
+import { ContentReader, type FsTree, type Inode, readTarTree, showPath, TarError } from '../src/lib/tarfs.js';
 
 export const Params = z
   .object({

@@ -5,8 +5,8 @@ import { chmod, copyFile, cp, mkdir, readFile, readdir, realpath, rename, stat, 
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { basename, delimiter, join, resolve } from 'node:path';
 import { z } from 'zod';
-import { packageAsset } from '../src/assets.js';
-import { PACKAGE_ROOT } from '../src/kinds.js';
+import { packageAsset } from '../src/engine/assets.js';
+import { PACKAGE_ROOT } from '../src/engine/kinds.js';
 import { defineStage, emulatorTools, hostArch, StageError, type Arch, type ToolSpec } from '../src/stage.js';
 
 // dracut splits module/driver lists on whitespace; keep names to a safe alphabet.

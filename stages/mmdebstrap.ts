@@ -4,9 +4,9 @@
 import { copyFile, mkdir, readFile, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { within } from '../src/fsutil.js';
+import { within } from '../src/engine/fsutil.js';
 import { defineStage, emulatorTools, StageError, type Arch, type ToolSpec } from '../src/stage.js';
-import type { DebPackage } from '../src/manifest-types.js';
+import type { DebPackage } from '../src/engine/manifest-types.js';
 
 const PKG_RE = /^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$/;
 const NAME_RE = /^[a-z0-9][a-z0-9.+-]*$/;

@@ -4,7 +4,7 @@
 import { chmod, chown, link, mkdir, mkdtemp, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { runProcess } from '../../src/exec.js';
+import { runProcess } from '../../src/engine/process.js';
 
 export const CRAFTED_KVER = '6.1.0-test-amd64';
 export const CAP_HEX = '0x0100000280200000000000000000000000000000'; // cap_setuid,cap_net_raw+ep, v2 (0x80: not valid UTF-8)

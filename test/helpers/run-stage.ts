@@ -3,7 +3,7 @@
 import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
-import { runProcess } from '../../src/exec.js';
+import { runProcess } from '../../src/engine/process.js';
 import type { Arch, RunContext, StageInput, StageModule } from '../../src/stage.js';
 
 export interface RunStageOptions {

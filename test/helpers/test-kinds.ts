@@ -5,7 +5,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { defineStage, type StageModule } from '../../src/stage.js';
-import type { Kinds } from '../../src/spec.js';
+import type { Kinds } from '../../src/engine/spec.js';
 
 export const text = defineStage({
   kind: 'text',

@@ -5,8 +5,8 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { lstat, readdir, readlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { canonicalize } from '../../src/canonical.js';
-import { runProcess } from '../../src/exec.js';
+import { canonicalize } from '../../src/engine/canonical.js';
+import { runProcess } from '../../src/engine/process.js';
 
 export interface NodeSnap {
   type: string;

@@ -83,7 +83,7 @@ test('parseLdd finds the host gzip loader and libc that dracut runs natively for
 });
 
 test('an arm64 guest is never booted with KVM on an amd64 host', async () => {
-  const { effectiveAccel } = await import('../../src/boot.js');
+  const { effectiveAccel } = await import('../../src/boot/boot.js');
   if (process.arch === 'x64') {
     assert.equal(effectiveAccel('qemu-system-aarch64', 'kvm'), 'tcg');
     assert.equal(effectiveAccel('qemu-system-x86_64', 'kvm'), 'kvm');

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import mmdebstrap from '../../stages/mmdebstrap.js';
 import composefs, { locateTools, type ToolsRoot } from '../../stages/composefs.js';
-import { runProcess } from '../../src/exec.js';
+import { runProcess } from '../../src/engine/process.js';
 import { StageError } from '../../src/stage.js';
 import { extractWithGnuTar, makeCraftedRootfs, type Crafted } from '../helpers/crafted-rootfs.js';
 import { fixtureRootfs } from '../helpers/fixture-rootfs.js';

@@ -12,8 +12,8 @@ import { promises as fs } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { expectedDump, firstDifference, parseSfdiskDump, SECTOR, type DiskPlan } from '../../src/diskimage.js';
-import { runProcess } from '../../src/exec.js';
+import { expectedDump, firstDifference, parseSfdiskDump, SECTOR, type DiskPlan } from '../../src/lib/diskimage.js';
+import { runProcess } from '../../src/engine/process.js';
 import { cli, summary, TEST_CACHE } from '../helpers/cli.js';
 import { FIXTURE } from '../helpers/fixture-rootfs.js';
 

@@ -6,8 +6,8 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { chmod, mkdtemp, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { assessHost, chooseAccel, formatDoctor, preflight } from '../../src/doctor.js';
-import { PROBE_BLOCKS, probeAccel, probeHost, probeTools, type BootProbe } from '../../src/probe.js';
+import { assessHost, chooseAccel, formatDoctor, preflight } from '../../src/doctor/doctor.js';
+import { PROBE_BLOCKS, probeAccel, probeHost, probeTools, type BootProbe } from '../../src/doctor/probe.js';
 
 /** Live (non-zombie) processes whose command line mentions `needle`. */
 function processesMentioning(needle: string): string[] {

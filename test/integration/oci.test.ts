@@ -9,10 +9,10 @@ import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promis
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import oci from '../../outputs/oci.js';
-import { runProcess } from '../../src/exec.js';
-import { PREPARE_ROOT_CONF } from '../../src/oci-layout.js';
+import { runProcess } from '../../src/engine/process.js';
+import { PREPARE_ROOT_CONF } from '../../src/lib/oci-layout.js';
 import { StageError } from '../../src/stage.js';
-import { readTarEntries } from '../../src/tarfs.js';
+import { readTarEntries } from '../../src/lib/tarfs.js';
 import { bytes, CAP_HEX, CRAFTED_KVER, extractWithGnuTar, makeCraftedRootfs, type Crafted } from '../helpers/crafted-rootfs.js';
 import { fixtureRootfs } from '../helpers/fixture-rootfs.js';
 import { inputFrom, listFiles, runStage } from '../helpers/run-stage.js';

@@ -16,7 +16,7 @@ import {
   RegistryDigestMismatchError,
   RegistryUnreachableError,
   pushLayout,
-} from '../../src/registry.js';
+} from '../../src/registry/registry.js';
 import { freePort, startRegistry, type RegistryServer } from '../helpers/registry-server.js';
 
 const EPOCH = new Date(1704067200 * 1000);

@@ -11,7 +11,7 @@ import { promisify } from 'node:util';
 import { createHash } from 'node:crypto';
 import { DSSEBundleBuilder, type Signer } from '@sigstore/sign';
 import { bundleToJSON } from '@sigstore/bundle';
-import { buildStatement, statementBytes, DSSE_PAYLOAD_TYPE } from '../../src/provenance.js';
+import { buildStatement, statementBytes, DSSE_PAYLOAD_TYPE } from '../../src/engine/provenance.js';
 import {
   keygen,
   resolveSigningKey,
@@ -20,9 +20,9 @@ import {
   signStatement,
   sshFingerprint,
   SigningError,
-} from '../../src/signing.js';
-import { hashImageDir, verifyImageDir, VerifyError, type VerifyErrorCode } from '../../src/verify.js';
-import { BUNDLE_NAME, MANIFEST_NAME, STATEMENT_NAME, SUMS_NAME, type BuildManifest } from '../../src/manifest-types.js';
+} from '../../src/signing/signing.js';
+import { hashImageDir, verifyImageDir, VerifyError, type VerifyErrorCode } from '../../src/signing/verify.js';
+import { BUNDLE_NAME, MANIFEST_NAME, STATEMENT_NAME, SUMS_NAME, type BuildManifest } from '../../src/engine/manifest-types.js';
 import { findOrFetchCosign } from '../helpers/cosign.js';
 
 const run = promisify(execFile);

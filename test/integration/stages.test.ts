@@ -11,9 +11,9 @@ import { copyFile, mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promise
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { z } from 'zod';
-import { runProcess } from '../../src/exec.js';
+import { runProcess } from '../../src/engine/process.js';
 import { fixtureRootfs } from '../helpers/fixture-rootfs.js';
-import { bootTest, ConsoleScanner, DEFAULT_FORBID } from '../../src/boot.js';
+import { bootTest, ConsoleScanner, DEFAULT_FORBID } from '../../src/boot/boot.js';
 import type { StageInput, StageModule } from '../../src/stage.js';
 import mmdebstrap, { installedPackages, mmdebstrapArgs, Params as MmParams } from '../../stages/mmdebstrap.js';
 import dracut, { dracutArgs, pickKernel, Params as DrParams } from '../../stages/dracut.js';

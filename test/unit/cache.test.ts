@@ -3,8 +3,8 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { Cache, defaultCacheRoot } from '../../src/cache.js';
-import { ENGINE_KEY_VERSION, type KeyParts } from '../../src/compile.js';
+import { Cache, defaultCacheRoot } from '../../src/engine/cache.js';
+import { ENGINE_KEY_VERSION, type KeyParts } from '../../src/engine/compile.js';
 
 const parts = (n: number): KeyParts => ({ engine: ENGINE_KEY_VERSION, kind: 'text', version: '1', arch: 'amd64', sourceDateEpoch: 0, params: { n }, tools: {}, assets: {}, inputs: {} });
 

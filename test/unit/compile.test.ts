@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { compile, diffParts, requirements, type Facts } from '../../src/compile.js';
-import { SpecError, UsageError } from '../../src/errors.js';
-import { parseSpec } from '../../src/spec.js';
+import { compile, diffParts, requirements, type Facts } from '../../src/engine/compile.js';
+import { SpecError, UsageError } from '../../src/engine/errors.js';
+import { parseSpec } from '../../src/engine/spec.js';
 import { testKinds } from '../helpers/test-kinds.js';
 
 const kinds = testKinds();

@@ -6,7 +6,7 @@ import { createReadStream } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { FsVerityHasher, fsverityDescriptor, fsverityDigest, hashFile, hashStream } from '../../src/digest.js';
+import { FsVerityHasher, fsverityDescriptor, fsverityDigest, hashFile, hashStream } from '../../src/lib/digest.js';
 
 const B = 4096;
 

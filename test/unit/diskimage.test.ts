@@ -22,7 +22,7 @@ import {
   patchGrubBios,
   planGptDisk,
   sfdiskScript,
-} from '../../src/diskimage.js';
+} from '../../src/lib/diskimage.js';
 import { convertArgs, Params as QcowParams } from '../../outputs/qcow2.js';
 import { liveCmdline, xorrisoArgs } from '../../outputs/iso.js';
 import { rawCmdline } from '../../outputs/raw.js';

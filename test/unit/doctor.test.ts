@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { z } from 'zod';
-import { aptInstallLine, assessHost, formatDoctor, knownTools, type Finding, type Needs } from '../../src/doctor.js';
+import { aptInstallLine, assessHost, formatDoctor, knownTools, type Finding, type Needs } from '../../src/doctor/doctor.js';
 import {
   bootSector,
   firstMeaningfulLine,
@@ -10,7 +10,7 @@ import {
   PROBE_REAL_MARKER,
   type BootProbe,
   type HostFacts,
-} from '../../src/probe.js';
+} from '../../src/doctor/probe.js';
 import { defineStage } from '../../src/stage.js';
 
 function probe(accel: 'kvm' | 'tcg', ok: boolean, extra: Partial<BootProbe> = {}): BootProbe {

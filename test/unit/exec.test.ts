@@ -4,7 +4,7 @@ import { readFileSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { runProcess } from '../../src/exec.js';
+import { runProcess } from '../../src/engine/process.js';
 import { StageError } from '../../src/stage.js';
 
 // A killed process may linger as a zombie until its new parent reaps it; that counts as gone.

@@ -8,8 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import tarStream from 'tar-stream';
-import { dumpLines, escapeBytes, makedev, optionalField } from '../../src/composefs-dump.js';
-import { applyBootcLayout, imageConfig, PREPARE_ROOT_CONF, writeLayerTar } from '../../src/oci-layout.js';
+import { dumpLines, escapeBytes, makedev, optionalField } from '../../src/lib/composefs-dump.js';
+import { applyBootcLayout, imageConfig, PREPARE_ROOT_CONF, writeLayerTar } from '../../src/lib/oci-layout.js';
 import { elfInterpreter } from '../../stages/composefs.js';
 import {
   encodeHeader,
@@ -23,7 +23,7 @@ import {
   TarError,
   type TarEntry,
   type WriteHeader,
-} from '../../src/tarfs.js';
+} from '../../src/lib/tarfs.js';
 
 // cap_setuid,cap_net_raw+ep (v2): byte 4 is 0x80, which a UTF-8 round trip destroys.
 const CAP = Buffer.from('0100000280200000000000000000000000000000', 'hex');

@@ -8,8 +8,8 @@ import {
   debPurl,
   statementBytes,
   type Subject,
-} from '../../src/provenance.js';
-import type { BuildManifest } from '../../src/manifest-types.js';
+} from '../../src/engine/provenance.js';
+import type { BuildManifest } from '../../src/engine/manifest-types.js';
 
 const H = (c: string) => c.repeat(64);
 

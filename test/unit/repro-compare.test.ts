@@ -5,7 +5,7 @@ import { createHash } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { test } from 'node:test';
 import tar from 'tar-stream';
-import type { KeyParts } from '../../src/compile.js';
+import type { KeyParts } from '../../src/engine/compile.js';
 import {
   compareStages,
   diffFiles,
@@ -18,7 +18,7 @@ import {
   type ReproReport,
   type SideStage,
   type TarMember,
-} from '../../src/repro-compare.js';
+} from '../../src/repro/compare.js';
 
 function parts(kind: string, inputs: Record<string, string> = {}, over: Partial<KeyParts> = {}): KeyParts {
   return { engine: 'pipeline-cache/1', kind, version: '1', arch: 'amd64', sourceDateEpoch: 1704067200, params: {}, tools: {}, assets: {}, inputs, ...over };

@@ -3,11 +3,11 @@ import { existsSync, promises as fs, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { Cache } from '../../src/cache.js';
-import { compile, type Facts, type PlanStage } from '../../src/compile.js';
-import { BuildError } from '../../src/errors.js';
-import { runPlan, type Reporter, type StageResult } from '../../src/scheduler.js';
-import { parseSpec } from '../../src/spec.js';
+import { Cache } from '../../src/engine/cache.js';
+import { compile, type Facts, type PlanStage } from '../../src/engine/compile.js';
+import { BuildError } from '../../src/engine/errors.js';
+import { runPlan, type Reporter, type StageResult } from '../../src/engine/scheduler.js';
+import { parseSpec } from '../../src/engine/spec.js';
 import { testKinds } from '../helpers/test-kinds.js';
 
 const kinds = testKinds();

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { SpecError } from '../../src/errors.js';
-import { parseSpec } from '../../src/spec.js';
+import { SpecError } from '../../src/engine/errors.js';
+import { parseSpec } from '../../src/engine/spec.js';
 import { testKinds } from '../helpers/test-kinds.js';
 
 const kinds = testKinds();

@@ -1,7 +1,7 @@
 // Renderings of a plan (pure): text, JSON, Graphviz, Mermaid, and the mkosi-style summary.
-import { stableJson } from './canonical.js';
-import type { Plan } from './compile.js';
-import type { EpochSource } from './epoch.js';
+import { stableJson } from '../engine/canonical.js';
+import type { Plan } from '../engine/compile.js';
+import type { EpochSource } from '../engine/epoch.js';
 
 const short = (k: string) => k.slice(0, 12);
 

@@ -5,7 +5,7 @@
 import { createHash } from 'node:crypto';
 import type { Readable } from 'node:stream';
 import tar from 'tar-stream';
-import { diffParts, type KeyParts } from './compile.js';
+import { diffParts, type KeyParts } from '../engine/compile.js';
 
 // ---------------------------------------------------------------------------
 // Stage outputs

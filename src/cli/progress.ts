@@ -1,7 +1,7 @@
 // Progress output. Three forms: a live status line on a TTY, plain lines when
 // piped (CI logs), and JSON lines (--json) for machines. Quiet when all is cached.
-import type { PlanStage } from './compile.js';
-import type { Reporter, StageResult } from './scheduler.js';
+import type { PlanStage } from '../engine/compile.js';
+import type { Reporter, StageResult } from '../engine/scheduler.js';
 
 export type ProgressMode = 'tty' | 'plain' | 'json' | 'silent';
 

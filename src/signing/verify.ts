@@ -17,8 +17,8 @@ import { bundleFromJSON, type Bundle } from '@sigstore/bundle';
 import { X509Certificate } from '@sigstore/core';
 import { TrustedRoot } from '@sigstore/protobuf-specs';
 import { Verifier, toSignedEntity, toTrustMaterial, type VerificationPolicy } from '@sigstore/verify';
-import { BUNDLE_NAME, MANIFEST_NAME, STATEMENT_NAME, SUMS_NAME } from './manifest-types.js';
-import { DSSE_PAYLOAD_TYPE, SLSA_PROVENANCE_V1, STATEMENT_TYPE, isSafeSubjectName } from './provenance.js';
+import { BUNDLE_NAME, MANIFEST_NAME, STATEMENT_NAME, SUMS_NAME } from '../engine/manifest-types.js';
+import { DSSE_PAYLOAD_TYPE, SLSA_PROVENANCE_V1, STATEMENT_TYPE, isSafeSubjectName } from '../engine/provenance.js';
 import { sshFingerprint } from './signing.js';
 
 export type VerifyErrorCode =

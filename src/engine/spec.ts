@@ -4,10 +4,10 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import YAML, { isMap, isPair, isScalar, isSeq, LineCounter, type Document, type Node as YamlNode } from 'yaml';
 import type { z } from 'zod';
-import { SpecSchema, type Spec, type StageSpec } from '../schema/spec.js';
+import { SpecSchema, type Spec, type StageSpec } from '../../schema/spec.js';
 import { sha256 } from './canonical.js';
 import { SpecError, type SpecIssue, type SourceLocation } from './errors.js';
-import type { Arch, StageModule } from './stage.js';
+import type { Arch, StageModule } from '../stage.js';
 
 export type Kinds = ReadonlyMap<string, StageModule>;
 type PathSeg = string | number;

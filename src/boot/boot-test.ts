@@ -3,12 +3,12 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { bootTest, effectiveAccel } from './boot.js';
-import type { BuildResult } from './build.js';
-import { chooseAccel } from './doctor.js';
-import { UsageError } from './errors.js';
-import { fmt } from './progress.js';
-import { variantInfo } from './spec.js';
-import type { BootPlan } from './stage.js';
+import type { BuildResult } from '../engine/build.js';
+import { chooseAccel } from '../doctor/doctor.js';
+import { UsageError } from '../engine/errors.js';
+import { fmt } from '../cli/progress.js';
+import { variantInfo } from '../engine/spec.js';
+import type { BootPlan } from '../stage.js';
 
 export interface BootTestOptions {
   firmware?: string;

@@ -1,7 +1,7 @@
 // Run an external program with an argument array (never a shell string), in its
 // own process group so cancellation can take down everything it spawned.
 import { spawn } from 'node:child_process';
-import { StageError, type ExecOptions, type ExecResult } from './stage.js';
+import { StageError, type ExecOptions, type ExecResult } from '../stage.js';
 
 export interface RunProcessOptions extends ExecOptions {
   signal?: AbortSignal;

@@ -4,18 +4,15 @@
 import { readdirSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { StageModule } from './stage.js';
+import type { StageModule } from '../stage.js';
 
 export type Kinds = Map<string, StageModule>;
 
-/** The package root (works from src/ under tsx and from dist/src/ when compiled). */
-export const PACKAGE_ROOT = (() => {
-  const here = path.dirname(fileURLToPath(import.meta.url));
-  const up = path.resolve(here, '..');
-  return path.basename(up) === 'dist' ? path.resolve(up, '..') : up;
-})();
+/** Root of the compiled or source tree: this file lives at <code root>/src/engine/. */
+const CODE_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 
-const CODE_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+/** The package root (works from src/ under tsx and from dist/src/ when compiled). */
+export const PACKAGE_ROOT = path.basename(CODE_ROOT) === 'dist' ? path.resolve(CODE_ROOT, '..') : CODE_ROOT;
 
 let cached: Promise<Kinds> | undefined;
 

@@ -2,8 +2,8 @@
 // markers seen -> pass; a `forbid` pattern, qemu exiting early, or the timeout -> fail.
 // qemu is always killed (process group) before bootTest returns.
 import { createWriteStream, type WriteStream } from 'node:fs';
-import { runProcess, LineTail } from './exec.js';
-import type { BootPlan } from './stage.js';
+import { runProcess, LineTail } from '../engine/process.js';
+import type { BootPlan } from '../stage.js';
 
 export interface BootTestOptions {
   expect: string[];
@@ -30,7 +30,7 @@ export interface BootTestResult {
 }
 
 /** Forbidden patterns when a spec gives none (one list, defined with the spec schema). */
-export { DEFAULT_FORBID } from '../schema/spec.js';
+export { DEFAULT_FORBID } from '../../schema/spec.js';
 
 /** The engine's own qemu arguments; the plan's come after (so a plan may override -m). */
 export function qemuBaseArgs(accel: 'kvm' | 'tcg', memory: string): string[] {

@@ -12,15 +12,15 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { promisify } from 'node:util';
-import { allVariants, loadSpec } from './build.js';
-import { Cache, writeAtomic, type Entry } from './cache.js';
-import { requirements } from './compile.js';
-import { hashFile } from './digest.js';
-import { resolveEpoch } from './epoch.js';
-import { BuildError } from './errors.js';
-import { safeRemove } from './fsutil.js';
-import { extraKindDirs, KINDS_PATH_ENV, PACKAGE_ROOT } from './kinds.js';
-import { BUNDLE_NAME } from './manifest-types.js';
+import { allVariants, loadSpec } from '../engine/build.js';
+import { Cache, writeAtomic, type Entry } from '../engine/cache.js';
+import { requirements } from '../engine/compile.js';
+import { hashFile } from '../lib/digest.js';
+import { resolveEpoch } from '../engine/epoch.js';
+import { BuildError } from '../engine/errors.js';
+import { safeRemove } from '../engine/fsutil.js';
+import { extraKindDirs, KINDS_PATH_ENV, PACKAGE_ROOT } from '../engine/kinds.js';
+import { BUNDLE_NAME } from '../engine/manifest-types.js';
 import {
   compareStages,
   diffImageFiles,
@@ -33,7 +33,7 @@ import {
   type ReproBuildInfo,
   type ReproReport,
   type SideStage,
-} from './repro-compare.js';
+} from './compare.js';
 
 const run = promisify(execFile);
 

@@ -6,7 +6,7 @@ import { createReadStream } from 'node:fs';
 import { copyFile, lstat, mkdir, readdir, utimes, writeFile } from 'node:fs/promises';
 import { join, posix } from 'node:path';
 import { GRUB_COMMON_MODULES, type TreeEntry, type TreeStats } from './diskimage.js';
-import { StageError, type RunContext } from './stage.js';
+import { StageError, type RunContext } from '../stage.js';
 
 type Ctx = Pick<RunContext<unknown>, 'exec' | 'log' | 'sourceDateEpoch'>;
 

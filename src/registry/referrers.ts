@@ -11,7 +11,7 @@ import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { BUNDLE_NAME } from './manifest-types.js';
+import { BUNDLE_NAME } from '../engine/manifest-types.js';
 import { parseRef, pushLayout, type PushOptions } from './registry.js';
 
 export const BUNDLE_MEDIA_TYPE = 'application/vnd.dev.sigstore.bundle.v0.3+json';

@@ -12,9 +12,9 @@ import { loadKinds, PACKAGE_ROOT, type Kinds } from './kinds.js';
 import { publish, type Published } from './publish.js';
 import { runPlan, type Reporter, type RunOutcome } from './scheduler.js';
 import { loadSpecFile, type LoadedSpec } from './spec.js';
-import { hostArch } from './stage.js';
-import { aptInstallLine, preflight } from './doctor.js';
-import { toolVersions } from './probe.js';
+import { hostArch } from '../stage.js';
+import { aptInstallLine, preflight } from '../doctor/doctor.js';
+import { toolVersions } from '../doctor/probe.js';
 
 /** Same name as in signing.ts, repeated so this module need not load sigstore. */
 const SIGNING_KEY_ENV = 'PIPELINE_SIGNING_KEY';
@@ -116,7 +116,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   // start-up time than the whole of a cached no-op build.
   let sign: ((dir: string) => Promise<void>) | undefined;
   if (opts.sign || process.env[SIGNING_KEY_ENV] || loaded.spec.signing?.key) {
-    const { resolveSigningKey, signImageDir, signOptionsFromRef } = await import('./signing.js');
+    const { resolveSigningKey, signImageDir, signOptionsFromRef } = await import('../signing/signing.js');
     const keyRef = resolveSigningKey(opts.sign, loaded.spec.signing?.key, process.env, loaded.dir);
     if (keyRef?.kind === 'file' && !existsSync(keyRef.path)) throw new UsageError(`signing key not found: ${keyRef.path} (create one with \`pipeline keygen --out ${path.dirname(keyRef.path)}\`)`);
     if (keyRef) sign = (dir: string) => signImageDir(dir, signOptionsFromRef(keyRef));

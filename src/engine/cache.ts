@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { canonicalize } from './canonical.js';
 import type { KeyParts } from './compile.js';
-import { hashFile } from './digest.js';
+import { hashFile } from '../lib/digest.js';
 
 export interface FileRecord {
   path: string;

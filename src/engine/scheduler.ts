@@ -9,9 +9,9 @@ import pLimit from 'p-limit';
 import { Cache, CacheCorruptError, type Entry } from './cache.js';
 import type { Plan, PlanStage } from './compile.js';
 import { BuildError } from './errors.js';
-import { runProcess } from './exec.js';
+import { runProcess } from './process.js';
 import { safeRemove } from './fsutil.js';
-import { StageError, type ExecOptions, type RunContext, type StageInput } from './stage.js';
+import { StageError, type ExecOptions, type RunContext, type StageInput } from '../stage.js';
 
 export type StageStatus = 'cached' | 'built' | 'failed' | 'cancelled' | 'unused';
 

@@ -23,9 +23,9 @@ import {
   type Witness,
 } from '@sigstore/sign';
 import { bundleToJSON, type SerializedBundle } from '@sigstore/bundle';
-import { stableJson } from './canonical.js';
-import { BUNDLE_NAME, STATEMENT_NAME } from './manifest-types.js';
-import { DSSE_PAYLOAD_TYPE, STATEMENT_TYPE } from './provenance.js';
+import { stableJson } from '../engine/canonical.js';
+import { BUNDLE_NAME, STATEMENT_NAME } from '../engine/manifest-types.js';
+import { DSSE_PAYLOAD_TYPE, STATEMENT_TYPE } from '../engine/provenance.js';
 
 export const PRIVATE_KEY_NAME = 'signing.key';
 export const PUBLIC_KEY_NAME = 'signing.pub';

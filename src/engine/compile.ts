@@ -2,11 +2,11 @@
 // variants need), each stage's cache key computed before anything runs.
 // Pure: every fact from the outside world (tool versions, asset digests, the
 // epoch) comes in through `Facts`, so a 200-stage spec compiles in milliseconds.
-import type { Spec } from '../schema/spec.js';
+import type { Spec } from '../../schema/spec.js';
 import { canonicalize, sha256 } from './canonical.js';
 import { SpecError, UsageError } from './errors.js';
 import { dotted, resolveParams, variantInfo, type Kinds, type LoadedSpec } from './spec.js';
-import type { Arch, StageModule, ToolSpec } from './stage.js';
+import type { Arch, StageModule, ToolSpec } from '../stage.js';
 
 /** Bump when the engine changes how it stores or interprets outputs. */
 export const ENGINE_KEY_VERSION = 'pipeline-cache/1';

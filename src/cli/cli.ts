@@ -3,13 +3,13 @@ import { Command, CommanderError, Option } from 'commander';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { specJsonSchema } from '../schema/spec.js';
-import { build, explain, loadSpec, prepare, VERSION } from './build.js';
-import { Cache, defaultCacheRoot } from './cache.js';
-import { BuildError, SpecError, UsageError } from './errors.js';
+import { specJsonSchema } from '../../schema/spec.js';
+import { build, explain, loadSpec, prepare, VERSION } from '../engine/build.js';
+import { Cache, defaultCacheRoot } from '../engine/cache.js';
+import { BuildError, SpecError, UsageError } from '../engine/errors.js';
 import { planDot, planJson, planMermaid, planText, specSummary } from './plan-format.js';
 import { fmt, pickMode, Progress, summaryTable } from './progress.js';
-import type { StageResult } from './scheduler.js';
+import type { StageResult } from '../engine/scheduler.js';
 
 const program = new Command();
 program
@@ -164,7 +164,7 @@ program
   .option('--json')
   .option('-v, --verbose', 'echo the serial console')
   .action(async (arch: string, variants: string[], o) => {
-    const { runBootTests } = await import('./boot-test.js');
+    const { runBootTests } = await import('../boot/boot-test.js');
     const progress = new Progress(pickMode(!!o.json), process.stderr, !!o.verbose);
     const signal = interruptSignal();
     const r = await build({ arch, variants, all: o.all, file: o.file, cacheDir: o.cacheDir, outDir: o.out, reporter: progress, signal });
@@ -225,13 +225,13 @@ program
     const r = await build({ arch, variants: [variant], file: o.file, cacheDir: o.cacheDir, outDir: o.out, reporter: progress, signal, sign: o.sign });
     progress.stop();
     const pub = r.published[0]!;
-    const { pushLayout } = await import('./registry.js');
+    const { pushLayout } = await import('../registry/registry.js');
     const opts = { insecure: o.insecure ? true : undefined, chunkSize: o.chunkSize, signal, log: (l: string) => progress.info(`  ${l}`) };
     const res = await pushLayout(pub.dir, o.to, opts);
     // A signed build's bundle travels with the image (cosign-style referrer).
     let attestation: { tag: string; digest: string } | undefined;
     if (pub.manifest.attestation.bundle) {
-      const { layoutSubject, pushBundleReferrer } = await import('./referrers.js');
+      const { layoutSubject, pushBundleReferrer } = await import('../registry/referrers.js');
       const subject = await layoutSubject(pub.dir);
       if (subject.digest !== res.digest) throw new BuildError(`pushed ${res.digest} but the layout's image is ${subject.digest}; not attaching provenance`);
       attestation = await pushBundleReferrer(pub.dir, o.to, subject, opts);
@@ -248,7 +248,7 @@ program
   .description('create an ECDSA P-256 signing key pair (signing.key mode 0600, signing.pub)')
   .requiredOption('--out <dir>', 'directory for the key pair')
   .action(async (o) => {
-    const { keygen } = await import('./signing.js');
+    const { keygen } = await import('../signing/signing.js');
     await mkdir(path.resolve(o.out), { recursive: true, mode: 0o700 });
     const r = await keygen(path.resolve(o.out));
     process.stderr.write(`wrote ${path.relative(process.cwd(), r.privateKey)} (keep it secret) and ${path.relative(process.cwd(), r.publicKey)}\n`);
@@ -263,7 +263,7 @@ program
   .option('--certificate-oidc-issuer <url>', 'keyless: expected OIDC issuer')
   .option('--trusted-root <file>', 'keyless: Sigstore trusted_root.json')
   .action(async (dir: string, o) => {
-    const { verifyImageDir, VerifyError } = await import('./verify.js');
+    const { verifyImageDir, VerifyError } = await import('../signing/verify.js');
     try {
       const r = await verifyImageDir(path.resolve(dir), { publicKeyPath: o.key, certificateIdentity: o.certificateIdentity, certificateIssuer: o.certificateOidcIssuer, trustedRootPath: o.trustedRoot });
       process.stderr.write(`verified ${dir}: ${r.files} files, signed by ${r.signer}\n`);
@@ -291,7 +291,7 @@ program
   .option('-j, --jobs <n>', 'stages to run at once in each build', parseJobs)
   .option('--no-faketime', 'do not shift build b\'s clock with faketime even when installed')
   .action(async (arch: string, variants: string[], o) => {
-    const { reproCommand } = await import('./repro.js');
+    const { reproCommand } = await import('../repro/repro.js');
     process.exitCode = await reproCommand({ arch, variants, all: o.all, file: o.file, keep: o.keep, json: o.json, report: o.report, out: o.out, jobs: o.jobs, faketime: o.faketime });
   });
 
@@ -300,7 +300,7 @@ program
   .description('what this machine offers for builds, in plain words')
   .addOption(cacheOpt())
   .action(async (o) => {
-    const { doctorCommand } = await import('./doctor.js');
+    const { doctorCommand } = await import('../doctor/doctor.js');
     process.exitCode = await doctorCommand({ cacheDir: o.cacheDir ? path.resolve(o.cacheDir) : defaultCacheRoot() });
   });
 

@@ -6,7 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { constants as fsc, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ARCHES, type Arch, type ToolSpec } from './stage.js';
+import { ARCHES, type Arch, type ToolSpec } from '../stage.js';
 
 // ---------------------------------------------------------------------------
 // Facts

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { stableJson } from './canonical.js';
 import type { Entry } from './cache.js';
 import type { Plan } from './compile.js';
-import { hashFile } from './digest.js';
+import { hashFile } from '../lib/digest.js';
 import { safeRemove, within } from './fsutil.js';
 import { PACKAGE_ROOT } from './kinds.js';
 import {

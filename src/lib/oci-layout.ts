@@ -7,8 +7,8 @@ import { open, rename, rm, type FileHandle } from 'node:fs/promises';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zc, createGzip } from 'node:zlib';
-import { canonicalize } from './canonical.js';
-import type { Arch } from './stage.js';
+import { canonicalize } from '../engine/canonical.js';
+import type { Arch } from '../stage.js';
 import { ContentReader, dirInode, encodeHeader, END_OF_ARCHIVE, FsTree, type Inode, padding, showPath, TarError } from './tarfs.js';
 
 export const MEDIA = {

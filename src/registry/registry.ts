@@ -10,7 +10,7 @@ import { createHash } from 'node:crypto';
 import { open, readFile, stat } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { BuildError, UsageError } from './errors.js';
+import { BuildError, UsageError } from '../engine/errors.js';
 
 // ---------------------------------------------------------------------------
 // Errors: one class per failure a user has to act on differently.

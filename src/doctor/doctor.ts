@@ -1,6 +1,6 @@
 // `pipeline doctor` and the build preflight. assessHost and formatDoctor are pure:
 // probe facts in, findings and text out. The I/O (probing) is in probe.ts.
-import { ARCHES, type Arch, type StageModule, type ToolSpec } from './stage.js';
+import { ARCHES, type Arch, type StageModule, type ToolSpec } from '../stage.js';
 import { debianArch, probeAccel, probeHost, QEMU_USER, type HostFacts, type ToolFact } from './probe.js';
 
 export type Level = 'ok' | 'warn' | 'error';
@@ -238,7 +238,7 @@ export async function runDoctor(
   let tools = opts.tools;
   let optionalTools: ToolSpec[] = [];
   if (!tools) {
-    const kinds = [...(await (await import('./kinds.js')).loadKinds()).values()];
+    const kinds = [...(await (await import('../engine/kinds.js')).loadKinds()).values()];
     tools = knownTools(kinds, required);
     optionalTools = knownTools(kinds, ARCHES.filter((a) => !required.includes(a)));
   }
