@@ -1,11 +1,12 @@
 // iPXE chainload bundle: kernel, initramfs and a boot.ipxe script that fetches
 // them by relative URL, so the directory can be served as-is (HTTP or TFTP).
-import { rename, writeFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage } from '../src/stage.js';
+import { defineStage, StageError } from '../src/stage.js';
 import { directKernelBoot } from '../src/boot/boot.js';
-import { copyKernelInitrd, defaultCmdline } from './kernel-initrd.js';
+import { copyKernelInitrd, joinCmdline, kernelCmdline } from './_boot.js';
 
 export const Params = z
   .object({
@@ -20,8 +21,31 @@ export const Params = z
 
 export function ipxeScript(cmdline: string): string {
   // initrd=<name> lets the kernel find the initrd when iPXE boots it via EFI stub.
-  const args = ['initrd=initrd.img', cmdline.trim()].filter(Boolean).join(' ');
-  return ['#!ipxe', `kernel vmlinuz ${args}`, 'initrd initrd.img', 'boot', ''].join('\n');
+  return ['#!ipxe', `kernel vmlinuz ${joinCmdline('initrd=initrd.img', cmdline)}`, 'initrd initrd.img', 'boot', ''].join('\n');
+}
+
+export interface IpxeBoot {
+  /** File names relative to the script's directory. */
+  kernel: string;
+  initrd: string;
+  /** The kernel's arguments exactly as iPXE passes them. */
+  args: string;
+}
+
+/** What a boot.ipxe of ours boots: its kernel and initrd lines (relative file names only). */
+export function parseIpxeScript(text: string): IpxeBoot {
+  const lines = text.split('\n').map((l) => l.trim());
+  if (lines[0] !== '#!ipxe') throw new StageError('boot.ipxe does not start with #!ipxe');
+  const kernelLine = lines.find((l) => /^kernel\s/.test(l));
+  const initrdLine = lines.find((l) => /^initrd\s/.test(l));
+  if (!kernelLine || !initrdLine) throw new StageError('boot.ipxe has no kernel or no initrd line');
+  const [, kernel = '', args = ''] = /^kernel\s+(\S+)\s*(.*)$/.exec(kernelLine) ?? [];
+  const initrd = initrdLine.split(/\s+/)[1] ?? '';
+  for (const f of [kernel, initrd]) {
+    // The boot test serves the published directory: a URL or a path out of it is not ours to boot.
+    if (!/^[A-Za-z0-9._-]+$/.test(f) || f === '.' || f === '..') throw new StageError(`boot.ipxe names "${f}", not a file in its own directory`);
+  }
+  return { kernel, initrd, args };
 }
 
 export default defineStage({
@@ -32,21 +56,14 @@ export default defineStage({
   inputs: ['boot'],
   tools: () => [],
   async run(ctx) {
-    await copyKernelInitrd(ctx.inputs, ctx.outDir);
-    const tmp = join(ctx.outDir, '.boot.ipxe.partial');
-    await writeFile(tmp, ipxeScript(defaultCmdline(ctx.arch, ctx.params.cmdline)), { mode: 0o644 });
-    await rename(tmp, join(ctx.outDir, 'boot.ipxe'));
+    await copyKernelInitrd(ctx);
+    await writeFile(join(ctx.outDir, 'boot.ipxe'), ipxeScript(kernelCmdline(ctx.arch, ctx.params.cmdline)), { mode: 0o644 });
   },
   boot(ctx) {
-    const cmdline = defaultCmdline(ctx.arch, ctx.params.cmdline);
+    // Boot what was published: the kernel, initrd and arguments boot.ipxe names.
+    const script = parseIpxeScript(readFileSync(join(ctx.dir, 'boot.ipxe'), 'utf8'));
     const plans = [
-      directKernelBoot(
-        ctx.arch,
-        join(ctx.dir, 'vmlinuz'),
-        join(ctx.dir, 'initrd.img'),
-        cmdline,
-        'ipxe kernel+initrd (direct boot)',
-      ),
+      directKernelBoot(ctx.arch, join(ctx.dir, script.kernel), join(ctx.dir, script.initrd), script.args, 'ipxe kernel+initrd (direct boot)'),
     ];
     // arm64 has no network-boot plan: it would need iPXE built for arm64 EFI under
     // AAVMF, and Debian bookworm's ipxe/ipxe-qemu ship x86 binaries only

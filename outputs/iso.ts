@@ -19,18 +19,19 @@
 // UUID and the GPT GUIDs; all staged files are stamped with the epoch; mksquashfs
 // is reproducible by design with -mkfs-time; the FAT image comes from mtools with
 // a derived serial.
-import { copyFile, mkdir, rename, stat, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage, inputFile, StageError, type BootPlan, type RunContext } from '../src/stage.js';
+import { defineStage, type BootPlan, type RunContext } from '../src/stage.js';
 import { alignUp, deriveFatSerial, GPT_TYPE, grubConfig, grubEarlyConfig, isoLabel, MiB } from '../src/lib/diskimage.js';
-import { buildFat, contentSeed, extractRootfs, grubImage, requireRoot, stampTree } from '../src/lib/diskbuild.js';
-import { ovmfArgs, virtioDisk } from './raw.js';
+import { buildFat, grubImage, stampTree } from '../src/lib/diskbuild.js';
+import { joinCmdline, kernelCmdline } from './_boot.js';
+import { diskInputs, firmwarePlans, GrubCmdline, virtioDisk, type DiskBootContext } from './_disk.js';
 
 export const Params = z
   .object({
-    /** Extra kernel command line after the live-boot arguments and console=ttyS0. */
-    cmdline: z.string().regex(/^[^\n\r]*$/, 'cmdline must be a single line').default(''),
+    /** Kernel command line after the live-boot arguments the emitter adds; default: serial console only. */
+    cmdline: GrubCmdline.optional(),
     /** ISO volume label (root=live:CDLABEL=); default derived from the content. */
     label: z.string().regex(/^[A-Z0-9_]{1,32}$/, 'label: upper case, digits, _ (max 32)').optional(),
     /** squashfs compressor; zstd is fast to build and to boot. */
@@ -41,8 +42,9 @@ export const Params = z
   .strict();
 export type IsoParams = z.infer<typeof Params>;
 
-export function liveCmdline(label: string, extra: string): string {
-  return [`root=live:CDLABEL=${label}`, 'rd.live.image', 'rd.live.overlay.overlayfs=1', 'console=ttyS0', extra.trim()].filter(Boolean).join(' ');
+/** The live-boot arguments the emitter must add (they name this ISO), then the spec's command line. */
+export function liveCmdline(label: string, cmdline: string): string {
+  return joinCmdline(`root=live:CDLABEL=${label}`, 'rd.live.image', 'rd.live.overlay.overlayfs=1', cmdline);
 }
 
 export function squashfsArgs(tree: string, out: string, p: IsoParams, epoch: number): string[] {
@@ -73,18 +75,13 @@ export function xorrisoArgs(o: { out: string; label: string; staging: string; ef
 }
 
 async function buildIso(ctx: RunContext<IsoParams>): Promise<void> {
-  requireRoot('the iso emitter');
   const p = ctx.params;
-  const tarPath = inputFile(ctx.inputs, 'rootfs', 'rootfs.tar');
-  const vmlinuz = inputFile(ctx.inputs, 'boot', 'vmlinuz');
-  const initrd = inputFile(ctx.inputs, 'boot', 'initrd.img');
+  const { vmlinuz, initrd, seed } = await diskInputs(ctx, 'iso-v1');
   const w = ctx.workDir;
   const epoch = ctx.sourceDateEpoch;
-  const seed = await contentSeed('iso-v1', [tarPath, vmlinuz, initrd], { params: p, epoch });
   const label = p.label ?? isoLabel(`LIVE_${seed.slice(0, 12)}`);
 
-  const tree = join(w, 'tree');
-  await extractRootfs(ctx, tarPath, tree);
+  const tree = await ctx.rootfsTree('rootfs');
   const staging = join(w, 'iso');
   await mkdir(join(staging, 'LiveOS'), { recursive: true });
   await mkdir(join(staging, 'boot', 'grub'), { recursive: true });
@@ -98,7 +95,7 @@ async function buildIso(ctx: RunContext<IsoParams>): Promise<void> {
   await grubImage(ctx, 'i386-pc-eltorito', join(staging, 'boot', 'grub', 'eltorito.img'), early, w);
   const efiBin = join(w, 'BOOTX64.EFI');
   await grubImage(ctx, 'x86_64-efi', efiBin, early, w);
-  const cmdline = liveCmdline(label, p.cmdline);
+  const cmdline = liveCmdline(label, kernelCmdline(ctx.arch, p.cmdline));
   await writeFile(join(staging, 'boot', 'grub', 'grub.cfg'), grubConfig({ title: 'Linux (live)', kernel: '/boot/vmlinuz', initrd: '/boot/initrd.img', cmdline }, p.timeout));
   await copyFile(vmlinuz, join(staging, 'boot', 'vmlinuz'));
   await copyFile(initrd, join(staging, 'boot', 'initrd.img'));
@@ -108,36 +105,33 @@ async function buildIso(ctx: RunContext<IsoParams>): Promise<void> {
   await buildFat(ctx, { image: efiImg, bytes: efiBytes, serial: deriveFatSerial(seed, 'iso-efi'), label: 'EFIBOOT', hiddenSectors: 0, fat32: false, files: [{ src: efiBin, dest: '/EFI/BOOT/BOOTX64.EFI' }], staging: join(w, 'fat-staging') });
 
   await stampTree(staging, epoch);
-  const tmp = join(ctx.outDir, '.live.iso.partial');
-  await ctx.exec('xorriso', xorrisoArgs({ out: tmp, label, staging, efiImg }), { env: { SOURCE_DATE_EPOCH: String(epoch), TZ: 'UTC' } });
-  await rename(tmp, join(ctx.outDir, 'live.iso'));
-  ctx.setMeta({ kernel: ctx.inputs.boot!.meta.kernel, cmdline, label, size: (await stat(join(ctx.outDir, 'live.iso'))).size });
+  const iso = join(ctx.outDir, 'live.iso');
+  await ctx.exec('xorriso', xorrisoArgs({ out: iso, label, staging, efiImg }), { env: { SOURCE_DATE_EPOCH: String(epoch), TZ: 'UTC' } });
+  ctx.setMeta({ kernel: ctx.inputs.boot!.meta.kernel, cmdline, label, size: (await stat(iso)).size });
 }
 
-export function isoBootPlans(ctx: { dir: string; workDir: string; firmware?: string }): BootPlan[] {
+export function isoBootPlans(ctx: DiskBootContext): BootPlan[] {
   const iso = join(ctx.dir, 'live.iso').replace(/,/g, ',,');
   const cd = ['-drive', `if=none,id=cd0,file=${iso},format=raw,media=cdrom,readonly=on`, '-device', 'ide-cd,drive=cd0,bootindex=0'];
   const usb = ['-device', 'qemu-xhci', '-drive', `if=none,id=stick,file=${iso},format=raw,snapshot=on`, '-device', 'usb-storage,drive=stick,bootindex=0'];
-  const virtio = virtioDisk(join(ctx.dir, 'live.iso'), 'raw');
-  const plans: BootPlan[] = [];
-  if (!ctx.firmware || ctx.firmware === 'bios') {
-    plans.push({ qemu: 'qemu-system-x86_64', args: cd, label: 'iso as CD (SeaBIOS)' });
-    plans.push({ qemu: 'qemu-system-x86_64', args: usb, label: 'iso as USB disk (SeaBIOS)' });
-  }
-  if (!ctx.firmware || ctx.firmware === 'uefi') {
-    plans.push({ qemu: 'qemu-system-x86_64', args: [...ovmfArgs(ctx.workDir), ...cd], label: 'iso as CD (OVMF)' });
-    plans.push({ qemu: 'qemu-system-x86_64', args: [...ovmfArgs(ctx.workDir), ...virtio], label: 'iso as virtio disk (OVMF)' });
-  }
-  return plans;
+  return firmwarePlans(ctx, [
+    { firmware: 'bios', args: cd, label: 'iso as CD (SeaBIOS)' },
+    { firmware: 'bios', args: usb, label: 'iso as USB disk (SeaBIOS)' },
+    { firmware: 'uefi', args: cd, label: 'iso as CD (OVMF)' },
+    { firmware: 'uefi', args: virtioDisk(join(ctx.dir, 'live.iso'), 'raw'), label: 'iso as virtio disk (OVMF)' },
+  ]);
 }
 
 export default defineStage({
   kind: 'iso',
-  version: '1',
+  // 2: `cmdline` is the whole command line after the live-boot args; console=ttyS0 is no longer added.
+  version: '2',
   summary: 'hybrid BIOS+UEFI live ISO (GRUB, squashfs rootfs via dracut dmsquash-live)',
   params: Params,
   inputs: ['rootfs', 'boot'],
   arches: ['amd64'],
+  // The rootfs is unpacked with its owners and device nodes (squashfs keeps them).
+  requires: ['root'],
   // Not heavy: the emitters fed by one rootfs are meant to run side by side
   // (each unpacks its own copy; no chroot, no network).
   tools: () => [
@@ -145,7 +139,8 @@ export default defineStage({
     { name: 'mksquashfs', apt: 'squashfs-tools', versionArgs: ['-version'] },
     { name: 'xorriso', apt: 'xorriso' },
     { name: 'mformat', apt: 'mtools' },
-    { name: 'grub-mkimage', apt: 'grub-common' },
+    // grub-mkimage reads the platform modules from /usr/lib/grub/{i386-pc,x86_64-efi}.
+    { name: 'grub-mkimage', apt: 'grub-common', packages: ['grub-pc-bin', 'grub-efi-amd64-bin'] },
   ],
   run: buildIso,
   boot: isoBootPlans,

@@ -22,8 +22,9 @@ import {
   writeNew,
   type Descriptor,
 } from '../src/lib/oci-layout.js';
-import { defineStage, StageError, type StageInput } from '../src/stage.js';
-import { readTarTree, TarError } from '../src/lib/tarfs.js';
+import { defineStage, StageError, type RunContext } from '../src/stage.js';
+import { readTarTree } from '../src/lib/tarfs.js';
+import { stageFailure } from '../src/lib/stage-failure.js';
 
 const LABEL_KEY_RE = /^[A-Za-z0-9][A-Za-z0-9._/-]*$/;
 
@@ -41,30 +42,12 @@ export const Params = z
   .strict();
 export type OciParams = z.infer<typeof Params>;
 
-/** The rootfs tarball of an input: rootfs.tar, or its only *.tar. */
-export function rootfsTarOf(input: StageInput, what = 'rootfs'): string {
-  const tars = input.files.filter((f) => f.endsWith('.tar'));
-  const pick = input.files.includes('rootfs.tar') ? 'rootfs.tar' : tars.length === 1 ? tars[0] : undefined;
-  if (!pick) throw new StageError(`input "${what}" (${input.kind}) has no rootfs.tar; files: ${input.files.join(', ') || '(none)'}`);
-  return join(input.dir, pick);
-}
-
-function bootFilesOf(input: StageInput): { kver: string; vmlinuz: string; initramfs: string } {
+function bootFilesOf(ctx: RunContext<unknown>): { kver: string; vmlinuz: string; initramfs: string } {
+  const input = ctx.inputs.boot!;
   const kver = input.meta.kernel;
   if (typeof kver !== 'string' || !kver) throw new StageError(`input "boot" (${input.kind}) records no kernel version (meta.kernel)`);
-  for (const f of ['vmlinuz', 'initrd.img']) {
-    if (!input.files.includes(f)) throw new StageError(`input "boot" (${input.kind}) has no ${f}; files: ${input.files.join(', ')}`);
-  }
-  return { kver, vmlinuz: join(input.dir, 'vmlinuz'), initramfs: join(input.dir, 'initrd.img') };
+  return { kver, vmlinuz: ctx.input('boot', 'vmlinuz'), initramfs: ctx.input('boot', 'initrd.img') };
 }
-
-const IO_HINT: Record<string, string> = {
-  ENOSPC: 'no space left on the output device',
-  EDQUOT: 'disk quota exceeded',
-  EROFS: 'the output directory is on a read-only filesystem',
-  EACCES: 'permission denied',
-  EPERM: 'operation not permitted',
-};
 
 export default defineStage({
   kind: 'oci',
@@ -75,13 +58,12 @@ export default defineStage({
   tools: () => [],
   async run(ctx) {
     const p = ctx.params;
-    const rootfsTar = rootfsTarOf(ctx.inputs.rootfs!);
-    const bootIn = bootFilesOf(ctx.inputs.boot!);
+    const rootfsTar = ctx.rootfsTar('rootfs');
+    const bootIn = bootFilesOf(ctx);
     const [vst, ist] = await Promise.all([stat(bootIn.vmlinuz), stat(bootIn.initramfs)]);
 
-    // Everything this stage creates in outDir, so a failure can take it all back.
+    // outDir is private and dropped by the engine on failure: nothing to take back here.
     const blobs = join(ctx.outDir, 'blobs');
-    const created = [blobs, join(ctx.outDir, 'index.json'), join(ctx.outDir, 'oci-layout')];
     try {
       const tree = await readTarTree(rootfsTar);
       const notes = applyBootcLayout(tree, { ...bootIn, vmlinuzSize: vst.size, initramfsSize: ist.size });
@@ -140,11 +122,7 @@ export default defineStage({
         entries: layer.entries,
       });
     } catch (e) {
-      await removeQuietly(...created);
-      if (e instanceof TarError) throw new StageError(`oci: ${e.message}`);
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code && IO_HINT[code]) throw new StageError(`oci: cannot write the image layout in ${ctx.outDir}: ${IO_HINT[code]} (${(e as Error).message})`);
-      throw e;
+      throw stageFailure('oci', e, ctx.outDir);
     }
   },
 });

@@ -2,11 +2,10 @@
 // emitter's disk.raw. qemu-img writes no timestamps into qcow2; every format option
 // is pinned (so a newer qemu's defaults cannot change the bytes) and out-of-order
 // writes (-W) stay off, so the cluster order, compressed or not, follows the input.
-import { rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage, StageError } from '../src/stage.js';
-import { diskBootPlans } from './raw.js';
+import { defineStage } from '../src/stage.js';
+import { diskBootPlans } from './_disk.js';
 
 export const Params = z
   .object({
@@ -33,13 +32,10 @@ export default defineStage({
   arches: ['amd64'],
   tools: () => [{ name: 'qemu-img', apt: 'qemu-utils' }],
   async run(ctx) {
-    const disk = ctx.inputs.disk!;
-    if (!disk.files.includes('disk.raw')) throw new StageError(`input disk has no disk.raw (files: ${disk.files.join(', ')})`);
-    const tmp = join(ctx.outDir, '.disk.qcow2.partial');
-    await ctx.exec('qemu-img', convertArgs(ctx.params, join(disk.dir, 'disk.raw'), tmp));
-    await ctx.exec('qemu-img', ['check', '-f', 'qcow2', tmp]);
-    await rename(tmp, join(ctx.outDir, 'disk.qcow2'));
-    ctx.setMeta({ ...disk.meta, format: 'qcow2', compressed: ctx.params.compress });
+    const out = join(ctx.outDir, 'disk.qcow2');
+    await ctx.exec('qemu-img', convertArgs(ctx.params, ctx.input('disk', 'disk.raw'), out));
+    await ctx.exec('qemu-img', ['check', '-f', 'qcow2', out]);
+    ctx.setMeta({ ...ctx.inputs.disk!.meta, format: 'qcow2', compressed: ctx.params.compress });
   },
   boot: (ctx) => diskBootPlans(ctx, 'disk.qcow2', 'qcow2', 'qcow2 disk'),
 });

@@ -22,11 +22,10 @@
 // from the content of the inputs; mke2fs runs under E2FSPROGS_FAKE_TIME and a
 // debugfs pass pins the atime/ctime mke2fs copies from the unpacked tree; mtools
 // run under SOURCE_DATE_EPOCH with pre-stamped sources.
-import { copyFileSync } from 'node:fs';
-import { open, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { open, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage, inputFile, StageError, type BootPlan, type RunContext, type ToolSpec } from '../src/stage.js';
+import { defineStage, StageError, type RunContext, type ToolSpec } from '../src/stage.js';
 import {
   autoEspBytes,
   autoExt4Bytes,
@@ -46,14 +45,16 @@ import {
   sfdiskScript,
   type DiskPlan,
 } from '../src/lib/diskimage.js';
-import { buildFat, contentSeed, ddInto, extractRootfs, grubImage, requireRoot, walkTree } from '../src/lib/diskbuild.js';
+import { buildFat, ddInto, grubImage, walkTree } from '../src/lib/diskbuild.js';
+import { joinCmdline, kernelCmdline } from './_boot.js';
+import { diskBootPlans, diskInputs, GrubCmdline } from './_disk.js';
 
 const SIZE_RE = /^\d+[KMGT]?$/i;
 
 export const Params = z
   .object({
-    /** Extra kernel command line after `root=UUID=… rw console=ttyS0`. */
-    cmdline: z.string().regex(/^[^\n\r]*$/, 'cmdline must be a single line').default(''),
+    /** Kernel command line after the `root=UUID=… rw` the emitter adds; default: serial console only. */
+    cmdline: GrubCmdline.optional(),
     /** ext4 root partition size (e.g. 4G); default: content + `free`. */
     root_size: z.string().regex(SIZE_RE).optional(),
     /** Free space left in the root filesystem when root_size is automatic. */
@@ -67,9 +68,6 @@ export const Params = z
   })
   .strict();
 export type RawParams = z.infer<typeof Params>;
-
-export const OVMF_CODE = '/usr/share/OVMF/OVMF_CODE_4M.fd';
-export const OVMF_VARS = '/usr/share/OVMF/OVMF_VARS_4M.fd';
 
 /** Fixed mke2fs defaults so the filesystem does not depend on the host's /etc/mke2fs.conf. */
 export const MKE2FS_CONF = `[defaults]
@@ -90,71 +88,26 @@ export const TOOLS: ToolSpec[] = [
   { name: 'debugfs', apt: 'e2fsprogs', versionArgs: ['-V'] },
   { name: 'mformat', apt: 'mtools' },
   { name: 'sfdisk', apt: 'fdisk' },
-  { name: 'grub-mkimage', apt: 'grub-common' },
+  // grub-mkimage reads the platform modules from /usr/lib/grub/{i386-pc,x86_64-efi}.
+  { name: 'grub-mkimage', apt: 'grub-common', packages: ['grub-pc-bin', 'grub-efi-amd64-bin'] },
   { name: 'dd', apt: 'coreutils' },
 ];
 
-/** qemu plans for a bootable disk image under SeaBIOS and/or OVMF. */
-export function diskBootPlans(
-  ctx: { dir: string; workDir: string; firmware?: string },
-  file: string,
-  format: 'raw' | 'qcow2',
-  what: string,
-): BootPlan[] {
-  // snapshot=on: the guest writes to its root filesystem; keep the published file pristine.
-  const drive = virtioDisk(join(ctx.dir, file), format);
-  const plans: BootPlan[] = [];
-  if (!ctx.firmware || ctx.firmware === 'bios') {
-    plans.push({ qemu: 'qemu-system-x86_64', args: [...drive], label: `${what} (SeaBIOS)` });
-  }
-  if (!ctx.firmware || ctx.firmware === 'uefi') {
-    plans.push({ qemu: 'qemu-system-x86_64', args: [...ovmfArgs(ctx.workDir), ...drive], label: `${what} (OVMF)` });
-  }
-  return plans;
-}
-
-/**
- * A virtio disk that firmware boots first. An explicit bootindex matters for OVMF:
- * with some disks (the hybrid ISO) it otherwise puts no boot option for the disk
- * in its boot order and falls through to PXE and the UEFI shell.
- */
-export function virtioDisk(path: string, format: 'raw' | 'qcow2'): string[] {
-  return [
-    '-drive', `if=none,id=disk0,file=${path.replace(/,/g, ',,')},format=${format},snapshot=on`,
-    '-device', 'virtio-blk-pci,drive=disk0,bootindex=0',
-  ];
-}
-
-/** OVMF code (read-only) + a private writable copy of the variable store. */
-export function ovmfArgs(workDir: string): string[] {
-  const vars = join(workDir, 'OVMF_VARS.fd');
-  copyFileSync(OVMF_VARS, vars);
-  return [
-    '-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${OVMF_CODE}`,
-    '-drive', `if=pflash,format=raw,unit=1,file=${vars.replace(/,/g, ',,')}`,
-  ];
-}
-
-export function rawCmdline(rootUuid: string, extra: string): string {
-  return [`root=UUID=${rootUuid}`, 'rw', 'console=ttyS0', extra.trim()].filter(Boolean).join(' ');
+/** The root filesystem the emitter must name, then the spec's command line. */
+export function rawCmdline(rootUuid: string, cmdline: string): string {
+  return joinCmdline(`root=UUID=${rootUuid}`, 'rw', cmdline);
 }
 
 async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
-  requireRoot('the raw emitter');
   const p = ctx.params;
-  const tarPath = inputFile(ctx.inputs, 'rootfs', 'rootfs.tar');
-  const vmlinuz = inputFile(ctx.inputs, 'boot', 'vmlinuz');
-  const initrd = inputFile(ctx.inputs, 'boot', 'initrd.img');
+  const { vmlinuz, initrd, seed } = await diskInputs(ctx, 'raw-v1');
   const w = ctx.workDir;
   const epoch = ctx.sourceDateEpoch;
-
-  const seed = await contentSeed('raw-v1', [tarPath, vmlinuz, initrd], { params: p, epoch });
   const rootUuid = deriveUuid(seed, 'ext4-root');
   const hashSeed = deriveUuid(seed, 'ext4-hash-seed');
   const espSerial = deriveFatSerial(seed, 'esp');
 
-  const tree = join(w, 'tree');
-  await extractRootfs(ctx, tarPath, tree);
+  const tree = await ctx.rootfsTree('rootfs');
   const { stats, entries } = await walkTree(tree);
 
   // --- GRUB images and ESP content
@@ -163,7 +116,7 @@ async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
   const coreImg = join(w, 'core.img');
   await grubImage(ctx, 'x86_64-efi', efiImg, early, w);
   await grubImage(ctx, 'i386-pc', coreImg, early, w);
-  const cmdline = rawCmdline(rootUuid, p.cmdline);
+  const cmdline = rawCmdline(rootUuid, kernelCmdline(ctx.arch, p.cmdline));
   const cfg = join(w, 'grub.cfg');
   await writeFile(cfg, grubConfig({ title: 'Linux', kernel: '/boot/vmlinuz', initrd: '/boot/initrd.img', cmdline }, p.timeout));
   const espFiles = [
@@ -219,14 +172,14 @@ async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
   if (errs.length) throw new StageError(`debugfs could not pin timestamps: ${errs.slice(0, 5).join('; ')}`);
 
   // --- assemble the disk
-  const tmpDisk = join(ctx.outDir, '.disk.raw.partial');
-  await writeFile(tmpDisk, '');
-  await ctx.exec('truncate', ['--size', String(plan.totalBytes), tmpDisk]);
-  await ctx.exec('sfdisk', ['--quiet', '--no-reread', '--no-tell-kernel', tmpDisk], { input: sfdiskScript(plan) });
-  await ddInto(ctx, espImg, tmpDisk, pEsp.startLba * SECTOR);
-  await ddInto(ctx, rootImg, tmpDisk, pRoot.startLba * SECTOR);
+  const disk = join(ctx.outDir, 'disk.raw');
+  await writeFile(disk, '');
+  await ctx.exec('truncate', ['--size', String(plan.totalBytes), disk]);
+  await ctx.exec('sfdisk', ['--quiet', '--no-reread', '--no-tell-kernel', disk], { input: sfdiskScript(plan) });
+  await ddInto(ctx, espImg, disk, pEsp.startLba * SECTOR);
+  await ddInto(ctx, rootImg, disk, pRoot.startLba * SECTOR);
 
-  const h = await open(tmpDisk, 'r+');
+  const h = await open(disk, 'r+');
   try {
     const mbr = Buffer.alloc(SECTOR);
     await h.read(mbr, 0, SECTOR, 0);
@@ -238,7 +191,6 @@ async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
   } finally {
     await h.close();
   }
-  await rename(tmpDisk, join(ctx.outDir, 'disk.raw'));
 
   ctx.setMeta({
     kernel: ctx.inputs.boot!.meta.kernel,
@@ -253,11 +205,15 @@ async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
 
 export default defineStage({
   kind: 'raw',
-  version: '1',
+  // 2: `cmdline` is the whole command line after root=…; console=ttyS0 is no longer added.
+  version: '2',
   summary: 'raw GPT disk (BIOS boot + ESP + ext4 root), GRUB for SeaBIOS and UEFI',
   params: Params,
   inputs: ['rootfs', 'boot'],
   arches: ['amd64'],
+  // The rootfs is unpacked with its owners and device nodes. No loop device: the
+  // filesystems are built in image files.
+  requires: ['root'],
   // Not heavy: the emitters fed by one rootfs are meant to run side by side
   // (each unpacks its own copy; no chroot, no network).
   tools: () => TOOLS,

@@ -75,7 +75,43 @@ export type Spec = z.output<typeof SpecSchema>;
 export type StageSpec = z.output<typeof StageSchema>;
 export type BootTestSpec = z.output<typeof BootTestSchema>;
 
-/** JSON Schema for editors (yaml-language-server: $schema=...). */
-export function specJsonSchema(): unknown {
-  return z.toJSONSchema(SpecSchema, { io: 'input', unrepresentable: 'any' });
+/** What the JSON Schema needs of a stage kind (a StageModule has it). */
+export interface KindSchema {
+  params: z.ZodType;
+  summary?: string;
+}
+
+type Json = Record<string, unknown>;
+
+/**
+ * JSON Schema for editors (yaml-language-server: $schema=...). With the stage
+ * kinds, each stage's `with:` (and its per-arch overrides) completes and checks
+ * against the schema of the kind named by its `kind:` (if/then on kind).
+ */
+export function specJsonSchema(kinds?: ReadonlyMap<string, KindSchema>): unknown {
+  const schema = z.toJSONSchema(SpecSchema, { io: 'input', unrepresentable: 'any' }) as Json;
+  if (!kinds?.size) return schema;
+  const stage = ((schema.properties as Json).stages as Json).additionalProperties as Json;
+  const props = stage.properties as Json;
+  const names = [...kinds.keys()].sort();
+  props.kind = { ...(props.kind as Json), enum: names };
+  stage.allOf = names.map((name) => {
+    const k = kinds.get(name)!;
+    const params = z.toJSONSchema(k.params, { io: 'input', unrepresentable: 'any' }) as Json;
+    delete params.$schema;
+    // An arch override is merged over `with`, so none of its keys is required.
+    const partial: Json = { ...params };
+    delete partial.required;
+    delete partial.default;
+    return {
+      if: { properties: { kind: { const: name } }, required: ['kind'] },
+      then: {
+        properties: {
+          with: { ...params, ...(k.summary ? { description: `${name}: ${k.summary}` } : {}) },
+          arch: { type: 'object', additionalProperties: { type: 'object', properties: { with: partial } } },
+        },
+      },
+    };
+  });
+  return schema;
 }

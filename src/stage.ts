@@ -1,20 +1,34 @@
 // The contract between the engine and every stage (stages/*.ts) and emitter
 // (outputs/*.ts). A module default-exports a StageModule; the engine discovers
 // modules by directory listing, so adding a kind never touches the engine.
-import type { z } from 'zod';
+import { z } from 'zod';
 
-export const ARCHES = ['amd64', 'arm64'] as const;
-export type Arch = (typeof ARCHES)[number];
+// The arch table lives in src/arch.ts; re-exported here so kinds import one module.
+import type { Arch } from './arch.js';
+export { ARCH, ARCHES, emulatorTools, hostArch, type Arch, type ArchInfo } from './arch.js';
 
-/** The Debian arch of the machine we run on (undefined if it is neither). */
-export function hostArch(): Arch | undefined {
-  return process.arch === 'x64' ? 'amd64' : process.arch === 'arm64' ? 'arm64' : undefined;
+/**
+ * How a spec path's tree is treated: `copy` — symlinks inside it are copied as
+ * symlinks and never followed (an overlay's links point into the image);
+ * `reject` — any symlink inside it is an error (the kind follows links).
+ */
+export interface SpecPathRule {
+  type: 'dir' | 'file';
+  symlinks: 'copy' | 'reject';
 }
 
-/** The qemu-user emulator a stage runs target binaries through, when the arch is foreign. */
-export function emulatorTools(arch: Arch): ToolSpec[] {
-  const name = { amd64: 'qemu-x86_64-static', arm64: 'qemu-aarch64-static' }[arch];
-  return hostArch() === arch ? [] : [{ name, apt: 'qemu-user-static' }];
+/** Params tagged with specPath(); the engine checks every such value at validate/plan time. */
+export const specPaths = z.registry<SpecPathRule>();
+
+/**
+ * A param naming a file or directory relative to the spec. The engine checks it
+ * centrally (relative, inside the spec dir after resolving symlinks, its tree per
+ * `rule`) and reports the spec's file:line:col; kinds open it with resolveSpecPath.
+ */
+export function specPath(rule: SpecPathRule): z.ZodString {
+  const s = z.string().min(1);
+  specPaths.add(s, rule);
+  return s;
 }
 
 /** An external program a stage runs. Its version goes into the cache key. */
@@ -23,6 +37,13 @@ export interface ToolSpec {
   name: string;
   /** Debian package that provides it (for `doctor` and error messages). */
   apt: string;
+  /**
+   * Debian packages the tool needs at run time that the stage never runs itself
+   * (e.g. mmdebstrap calls arch-test for a foreign arch). Checked with dpkg-query
+   * by the build preflight and doctor, installed by scripts/setup; their versions
+   * are not part of cache keys.
+   */
+  packages?: string[];
   /** Arguments that make it print its version; default ["--version"]. */
   versionArgs?: string[];
 }
@@ -64,7 +85,10 @@ export interface RunContext<P> {
   arch: Arch;
   params: P;
   sourceDateEpoch: number;
-  /** Empty directory: write the stage's outputs here (relative paths, regular files only). */
+  /**
+   * Empty directory, private to this run: write the stage's outputs straight here
+   * (regular files only). The engine drops it if the stage fails, so no temp names.
+   */
   outDir: string;
   /** Empty scratch directory, removed after the stage whatever happens. */
   workDir: string;
@@ -84,6 +108,16 @@ export interface RunContext<P> {
   log(line: string): void;
   /** Record deterministic metadata for the manifest and downstream stages. */
   setMeta(meta: Record<string, unknown>): void;
+  /** Absolute path of `file` in input `name`; a StageError naming the input's files if it is not there. */
+  input(name: string, file: string): string;
+  /** The rootfs tarball of input `name` (default "rootfs"): its rootfs.tar, or its only *.tar. */
+  rootfsTar(name?: string): string;
+  /**
+   * Input `name`'s rootfs tarball unpacked in workDir with owners, modes, device
+   * nodes, xattrs and mtimes (needs root: declare `requires: ['root']`). Unpacked
+   * once per stage; the kind may modify the tree, it is scratch.
+   */
+  rootfsTree(name?: string): Promise<string>;
 }
 
 /** How `pipeline test` boots an emitter's artifact under qemu. */
@@ -127,6 +161,13 @@ export interface StageModule<S extends z.ZodType = z.ZodType> {
    * root privileges, loop devices, or running the target arch's binaries (binfmt).
    */
   requires?: readonly ('root' | 'loop' | 'foreign-exec')[];
+  /**
+   * Host environment variables the kind's tools may receive, beyond the engine's
+   * allow-list (PATH, LC_ALL, TZ, SOURCE_DATE_EPOCH, HOME, TMPDIR, proxies). Names
+   * starting with PIPELINE_ or containing SECRET/TOKEN/PASSWORD/KEY/CREDENTIAL are
+   * refused: the stage fails before it runs anything.
+   */
+  env?: readonly string[];
   /** External programs it runs on the host, given its params. */
   tools(params: z.infer<S>, arch: Arch): ToolSpec[];
   /**
@@ -148,14 +189,6 @@ export class StageError extends Error {
     super(message);
     this.name = 'StageError';
   }
-}
-
-/** Absolute path of a file a stage needs from one of its inputs; a clear error if it is not there. */
-export function inputFile(inputs: Record<string, StageInput>, input: string, file: string): string {
-  const inp = inputs[input];
-  if (!inp) throw new StageError(`input "${input}" is missing`);
-  if (!inp.files.includes(file)) throw new StageError(`input "${input}" (${inp.kind}) has no ${file} (files: ${inp.files.join(', ') || 'none'})`);
-  return `${inp.dir}/${file}`;
 }
 
 export function defineStage<S extends z.ZodType>(m: StageModule<S>): StageModule<S> {

@@ -7,22 +7,46 @@
 // so it is not a host tool: it comes from the `tools` input, a rootfs tarball built
 // by the engine's own mmdebstrap stage (cached and keyed like any stage), and runs
 // through that root's own dynamic loader with --library-path. No chroot, no mounts.
-import { createReadStream } from 'node:fs';
 import { lstat, mkdir, open, readdir, readFile, readlink, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { z } from 'zod';
 import { dumpLines, MAX_INLINE, objectPath } from '../src/lib/composefs-dump.js';
-import { FsVerityHasher } from '../src/lib/digest.js';
-import { defineStage, StageError, type StageInput } from '../src/stage.js';
+import { FsVerityHasher, hashFile } from '../src/lib/digest.js';
+import { stageFailure } from '../src/lib/stage-failure.js';
+import { defineStage, specPath, StageError, type RunContext, type SpecPathRule, type StageInput } from '../src/stage.js';
+import { resolveSpecPath } from '../src/engine/assets.js';
 import { ContentReader, type FsTree, type Inode, readTarTree, showPath, TarError } from '../src/lib/tarfs.js';
 
 export const Params = z
   .object({
     /** Highest composefs format version mkcomposefs may use (its --max-version). */
     max_version: z.number().int().min(0).max(1).default(1),
+    /**
+     * Extra composefs images stacked above the base (a verified boot mounts them
+     * in priority order, highest on top): each a directory relative to the spec,
+     * packed with owner root and the epoch's mtime. Their objects share objects/;
+     * the images are layers/<fs-verity digest>.cfs. Optional without a default so
+     * specs without layers keep their cache keys.
+     */
+    layers: z
+      .array(z.object({ dir: specPath({ type: 'dir', symlinks: 'copy' }), priority: z.number().int().min(0).max(999) }).strict())
+      .optional(),
   })
   .strict();
+
+const LAYER_PATH: SpecPathRule = { type: 'dir', symlinks: 'copy' };
+
+/** Layers top (highest priority) first; equal priorities are a spec error, as their order would be arbitrary. */
+export function orderLayers<L extends { dir: string; priority: number }>(layers: readonly L[]): L[] {
+  const seen = new Map<number, string>();
+  for (const l of layers) {
+    const other = seen.get(l.priority);
+    if (other !== undefined) throw new StageError(`composefs layers ${other} and ${l.dir} have the same priority ${l.priority}; give each its own`);
+    seen.set(l.priority, l.dir);
+  }
+  return [...layers].sort((a, b) => b.priority - a.priority);
+}
 
 // ------------------------------------------------------------ tools root
 
@@ -124,12 +148,6 @@ async function packageVersion(input: StageInput, root: string, name: string): Pr
   return m ? m[1] : undefined;
 }
 
-function tarOf(input: StageInput, what: string): string {
-  const pick = input.files.includes('rootfs.tar') ? 'rootfs.tar' : input.files.filter((f) => f.endsWith('.tar')).length === 1 ? input.files.find((f) => f.endsWith('.tar')) : undefined;
-  if (!pick) throw new StageError(`input "${what}" (${input.kind}) has no rootfs.tar; files: ${input.files.join(', ') || '(none)'}`);
-  return join(input.dir, pick);
-}
-
 // ------------------------------------------------------------ object store
 
 export interface StoreResult {
@@ -191,19 +209,35 @@ export async function writeObjectStore(tree: FsTree, rootfsTar: string, objectsD
   return { digests, inline, objects: seen.size, bytes };
 }
 
-/** fs-verity digest of a file (the image), streamed. */
-async function fsverityOfFile(path: string): Promise<string> {
-  const fv = new FsVerityHasher();
-  for await (const c of createReadStream(path, { highWaterMark: 1 << 20 })) fv.update(c as Buffer);
-  return fv.digestHex();
+/** composefs-dump of tree -> mkcomposefs -> image; returns the image's fs-verity digest (checked against our own). */
+async function buildImage(ctx: RunContext<z.infer<typeof Params>>, tools: ToolsRoot, tree: FsTree, store: StoreResult, image: string, dumpName: string): Promise<string> {
+  const dump = join(ctx.workDir, dumpName);
+  const fh = await open(dump, 'w');
+  try {
+    let buf = '';
+    for (const line of dumpLines(tree, { digests: store.digests, inline: store.inline, mtime: ctx.sourceDateEpoch })) {
+      buf += line;
+      if (buf.length > 1 << 20) {
+        await fh.write(buf, null, 'latin1');
+        buf = '';
+      }
+    }
+    await fh.write(buf, null, 'latin1');
+  } finally {
+    await fh.close();
+  }
+  const r = await ctx.exec(
+    tools.loader,
+    ['--library-path', tools.libraryPath, tools.mkcomposefs, '--from-file', '--print-digest', `--max-version=${ctx.params.max_version}`, dump, image],
+    { capture: true },
+  );
+  const printed = r.stdout.trim();
+  if (!/^[0-9a-f]{64}$/.test(printed)) throw new StageError(`mkcomposefs printed no digest (got ${JSON.stringify(printed.slice(0, 200))})`);
+  // mkcomposefs's digest of its image must be the fs-verity digest of the file we keep.
+  const own = (await hashFile(image, { fsverity: true })).fsverity;
+  if (own !== printed) throw new StageError(`mkcomposefs reported image digest ${printed}, but the image file's fs-verity digest is ${own}`);
+  return printed;
 }
-
-const IO_HINT: Record<string, string> = {
-  ENOSPC: 'no space left on the output device',
-  EDQUOT: 'disk quota exceeded',
-  EROFS: 'the output directory is on a read-only filesystem',
-  EACCES: 'permission denied',
-};
 
 export default defineStage({
   kind: 'composefs',
@@ -213,9 +247,10 @@ export default defineStage({
   inputs: ['rootfs', 'tools'],
   heavy: false,
   tools: () => [{ name: 'tar', apt: 'tar' }],
+  assets: (p) => (p.layers ?? []).map((l) => l.dir),
   async run(ctx) {
-    const rootfsTar = tarOf(ctx.inputs.rootfs!, 'rootfs');
-    const toolsTar = tarOf(ctx.inputs.tools!, 'tools');
+    const rootfsTar = ctx.rootfsTar('rootfs');
+    const toolsTar = ctx.rootfsTar('tools');
     const toolsRoot = join(ctx.workDir, 'tools');
     await mkdir(toolsRoot);
     // Device nodes are not needed to run a program and cannot be made without root.
@@ -231,34 +266,23 @@ export default defineStage({
       const store = await writeObjectStore(tree, rootfsTar, objects);
       ctx.log(`composefs: ${store.objects} objects (${store.bytes} bytes), ${store.inline.size} inlined files, ${Date.now() - t0} ms`);
 
-      const dump = join(ctx.workDir, 'tree.dump');
-      const fh = await open(dump, 'w');
-      try {
-        let buf = '';
-        for (const line of dumpLines(tree, { digests: store.digests, inline: store.inline, mtime: ctx.sourceDateEpoch })) {
-          buf += line;
-          if (buf.length > 1 << 20) {
-            await fh.write(buf, null, 'latin1');
-            buf = '';
-          }
-        }
-        await fh.write(buf, null, 'latin1');
-      } finally {
-        await fh.close();
-      }
+      const printed = await buildImage(ctx, tools, tree, store, image, 'tree.dump');
 
-      const tmpImage = join(ctx.outDir, '.image.cfs.tmp');
-      const r = await ctx.exec(
-        tools.loader,
-        ['--library-path', tools.libraryPath, tools.mkcomposefs, '--from-file', '--print-digest', `--max-version=${ctx.params.max_version}`, dump, tmpImage],
-        { capture: true },
-      );
-      const printed = r.stdout.trim();
-      if (!/^[0-9a-f]{64}$/.test(printed)) throw new StageError(`mkcomposefs printed no digest (got ${JSON.stringify(printed.slice(0, 200))})`);
-      // mkcomposefs's digest of its image must be the fs-verity digest of the file we keep.
-      const own = await fsverityOfFile(tmpImage);
-      if (own !== printed) throw new StageError(`mkcomposefs reported image digest ${printed}, but the image file's fs-verity digest is ${own}`);
-      await rename(tmpImage, image);
+      // Layers: same object store, one image each, named by its digest.
+      const layers: { dir: string; priority: number; digest: string; objects: number }[] = [];
+      for (const l of orderLayers(ctx.params.layers ?? [])) {
+        const src = resolveSpecPath(ctx.specDir, l.dir, LAYER_PATH);
+        const tar = join(ctx.workDir, `layer-${l.priority}.tar`);
+        await ctx.exec('tar', ['-c', '-f', tar, '--sort=name', '--owner=0', '--group=0', '--numeric-owner', `--mtime=@${ctx.sourceDateEpoch}`, '--format=pax', '--pax-option=delete=atime,delete=ctime', '-C', src, '.']);
+        const ltree = await readTarTree(tar);
+        const lstore = await writeObjectStore(ltree, tar, objects);
+        await mkdir(join(ctx.outDir, 'layers'), { recursive: true });
+        // Named once its digest is known (the engine drops outDir if anything fails).
+        const tmpImage = join(ctx.outDir, 'layers', `.building-${l.priority}`);
+        const digest = await buildImage(ctx, tools, ltree, lstore, tmpImage, `layer-${l.priority}.dump`);
+        await rename(tmpImage, join(ctx.outDir, 'layers', `${digest}.cfs`));
+        layers.push({ dir: l.dir, priority: l.priority, digest, objects: lstore.objects });
+      }
       ctx.setMeta({
         image: 'image.cfs',
         imageDigest: printed,
@@ -266,16 +290,12 @@ export default defineStage({
         objectBytes: store.bytes,
         inlined: store.inline.size,
         entries: tree.nodes.size,
+        ...(layers.length ? { layers } : {}),
         ...(version ? { composefsVersion: version } : {}),
       });
     } catch (e) {
-      await rm(objects, { recursive: true, force: true }).catch(() => {});
-      await rm(image, { force: true }).catch(() => {});
-      await rm(join(ctx.outDir, '.image.cfs.tmp'), { force: true }).catch(() => {});
-      if (e instanceof TarError) throw new StageError(`composefs: ${e.message}`);
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code && IO_HINT[code]) throw new StageError(`composefs: cannot write to ${ctx.outDir}: ${IO_HINT[code]} (${(e as Error).message})`);
-      throw e;
+      // Nothing to take back: the engine drops outDir when a stage fails.
+      throw stageFailure('composefs', e, ctx.outDir);
     }
   },
 });

@@ -1,24 +1,27 @@
 // Kernel + initramfs from a rootfs tarball: dracut runs inside the target rootfs
 // with that rootfs's own kernel, modules and dracut, so the result does not depend
 // on what the build host has installed.
-import { chmod, copyFile, cp, mkdir, readFile, readdir, realpath, rename, stat, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, cp, mkdir, readFile, readdir, realpath, stat, writeFile } from 'node:fs/promises';
 import { existsSync, readdirSync, statSync } from 'node:fs';
-import { basename, delimiter, join, resolve } from 'node:path';
+import { basename, delimiter, join } from 'node:path';
 import { z } from 'zod';
-import { packageAsset } from '../src/engine/assets.js';
+import { packageAsset, resolveSpecPath } from '../src/engine/assets.js';
 import { PACKAGE_ROOT } from '../src/engine/kinds.js';
-import { defineStage, emulatorTools, hostArch, StageError, type Arch, type ToolSpec } from '../src/stage.js';
+import { defineStage, emulatorTools, hostArch, specPath, StageError, type Arch, type SpecPathRule, type ToolSpec } from '../src/stage.js';
 
 // dracut splits module/driver lists on whitespace; keep names to a safe alphabet.
 const ITEM_RE = /^[A-Za-z0-9_.+-]+$/;
 const Item = z.string().regex(ITEM_RE, 'expected a dracut module or kernel driver name');
+
+// Module files are stat()ed, copied and chmod()ed following links: no symlinks at all.
+const MODULE_DIR_PATH: SpecPathRule = { type: 'dir', symlinks: 'reject' };
 
 export const Params = z
   .object({
     /** dracut modules to add; repo modules (dracut/modules.d/NN<name>) are installed first. */
     modules: z.array(Item).default([]),
     /** Spec-relative directories holding extra NN<name> dracut module directories. */
-    moduleDirs: z.array(z.string().min(1)).default([]),
+    moduleDirs: z.array(specPath(MODULE_DIR_PATH)).default([]),
     /** Kernel drivers to add (--add-drivers). */
     drivers: z.array(Item).default([]),
     /** dracut modules to omit. */
@@ -58,7 +61,7 @@ export function moduleSources(p: DracutParams, specDir: string): string[] {
   const builtin = builtinModulesDir();
   for (const name of p.modules) {
     let hit: string | undefined;
-    for (const d of p.moduleDirs) hit ??= findModuleDir(resolve(specDir, d), name);
+    for (const d of p.moduleDirs) hit ??= findModuleDir(resolveSpecPath(specDir, d, MODULE_DIR_PATH), name);
     if (!hit && builtin) hit = findModuleDir(builtin, name);
     if (hit) out.push(hit);
     // Otherwise it is one of dracut's own modules in the rootfs.
@@ -192,11 +195,9 @@ async function normaliseModes(p: string): Promise<void> {
   } else if (st.isFile()) await chmod(p, st.mode & 0o111 ? 0o755 : 0o644);
 }
 
-async function copyAtomic(src: string, dst: string): Promise<void> {
-  const tmp = `${dst}.partial`;
-  await copyFile(src, tmp);
-  await chmod(tmp, 0o644); // dracut writes the image 0600
-  await rename(tmp, dst);
+async function copyOut(src: string, dst: string): Promise<void> {
+  await copyFile(src, dst);
+  await chmod(dst, 0o644); // dracut writes the image 0600
 }
 
 export default defineStage({
@@ -233,21 +234,7 @@ export default defineStage({
   },
   async run(ctx) {
     const p = ctx.params;
-    const input = ctx.inputs.rootfs;
-    if (!input.files.includes('rootfs.tar')) {
-      throw new StageError(`input rootfs has no rootfs.tar (files: ${input.files.join(', ')})`);
-    }
-    const root = join(ctx.workDir, 'root');
-    await mkdir(root);
-    await ctx.exec('tar', [
-      '--xattrs',
-      '--xattrs-include=*',
-      '--numeric-owner',
-      '-xpf',
-      join(input.dir, 'rootfs.tar'),
-      '-C',
-      root,
-    ]);
+    const root = await ctx.rootfsTree('rootfs');
 
     const modulesRoot = join(root, 'usr/lib/modules');
     const installed = existsSync(modulesRoot) ? await readdir(modulesRoot) : [];
@@ -290,8 +277,8 @@ export default defineStage({
 
     const initrd = join(root, INITRD_IN_ROOT);
     if (!(await stat(initrd).catch(() => undefined))?.size) throw new StageError('dracut produced no initramfs');
-    await copyAtomic(vmlinuz, join(ctx.outDir, 'vmlinuz'));
-    await copyAtomic(initrd, join(ctx.outDir, 'initrd.img'));
+    await copyOut(vmlinuz, join(ctx.outDir, 'vmlinuz'));
+    await copyOut(initrd, join(ctx.outDir, 'initrd.img'));
     ctx.setMeta({
       kernel: kver,
       dracutVersion: dracutVersion ?? 'unknown',

@@ -1,15 +1,18 @@
 // Debian root filesystem as an uncompressed tarball, built by mmdebstrap.
 // Everything variable (paths) reaches the hook scripts through env vars; the
 // hook texts themselves are constants so no spec value is ever parsed by a shell.
-import { copyFile, mkdir, readFile, readdir, rename, rm } from 'node:fs/promises';
+import { mkdir, readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { within } from '../src/engine/fsutil.js';
-import { defineStage, emulatorTools, StageError, type Arch, type ToolSpec } from '../src/stage.js';
+import { defineStage, emulatorTools, specPath, StageError, type Arch, type SpecPathRule, type ToolSpec } from '../src/stage.js';
+import { resolveSpecPath } from '../src/engine/assets.js';
 import type { DebPackage } from '../src/engine/manifest-types.js';
 
 const PKG_RE = /^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$/;
 const NAME_RE = /^[a-z0-9][a-z0-9.+-]*$/;
+
+// The overlay hook copies symlinks as symlinks (find -P, [ -L ] first): they point into the image.
+const OVERLAY_PATH: SpecPathRule = { type: 'dir', symlinks: 'copy' };
 
 export const Params = z
   .object({
@@ -25,7 +28,7 @@ export const Params = z
     /** Extra packages; `name` or `name=version`. */
     packages: z.array(z.string().regex(PKG_RE, 'invalid Debian package name')).default([]),
     /** A directory (relative to the spec) copied over the tree last, e.g. systemd units. */
-    overlay: z.string().min(1).optional(),
+    overlay: specPath(OVERLAY_PATH).optional(),
     /**
      * Accept a Release file past its Valid-Until date. Rolling suites (sid, forky) carry
      * one; a mirror copy that lags behind by a few weeks needs this to be usable.
@@ -169,18 +172,6 @@ export function installedPackages(status: string, packagesIndices: string[]): De
   return pkgs;
 }
 
-async function moveFile(src: string, dst: string): Promise<void> {
-  try {
-    await rename(src, dst);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'EXDEV') throw e;
-    const tmp = `${dst}.partial`;
-    await copyFile(src, tmp);
-    await rename(tmp, dst);
-    await rm(src, { force: true });
-  }
-}
-
 export default defineStage({
   kind: 'mmdebstrap',
   version: '2',
@@ -191,22 +182,23 @@ export default defineStage({
   // Only root mode is tested; foreign arches run maintainer scripts via binfmt + qemu-user.
   requires: ['root', 'foreign-exec'],
   tools(_p, arch): ToolSpec[] {
+    const emulator = emulatorTools(arch);
     const tools: ToolSpec[] = [
-      { name: 'mmdebstrap', apt: 'mmdebstrap' },
+      // For a foreign --arch mmdebstrap first checks emulation with arch-test (only Recommended).
+      { name: 'mmdebstrap', apt: 'mmdebstrap', ...(emulator.length ? { packages: ['arch-test'] } : {}) },
       { name: 'dpkg-divert', apt: 'dpkg' },
     ];
     // Foreign-arch maintainer scripts run through binfmt_misc + qemu-user.
-    tools.push(...emulatorTools(arch));
+    tools.push(...emulator);
     return tools;
   },
   assets: (p) => (p.overlay ? [p.overlay] : []),
   async run(ctx) {
     const p = ctx.params;
-    const overlay = p.overlay ? within(ctx.specDir, p.overlay) : '';
+    const overlay = p.overlay ? resolveSpecPath(ctx.specDir, p.overlay, OVERLAY_PATH) : '';
     const metaDir = join(ctx.workDir, 'meta');
     await mkdir(metaDir, { recursive: true });
-    const tmpTar = join(ctx.workDir, 'rootfs.tar');
-    await ctx.exec('mmdebstrap', mmdebstrapArgs(p, ctx.arch, tmpTar), {
+    await ctx.exec('mmdebstrap', mmdebstrapArgs(p, ctx.arch, join(ctx.outDir, 'rootfs.tar')), {
       env: {
         SOURCE_DATE_EPOCH: String(ctx.sourceDateEpoch),
         // mmdebstrap stages the tree under TMPDIR before packing; keep it in our scratch.
@@ -245,6 +237,5 @@ export default defineStage({
       kernels,
       packages,
     });
-    await moveFile(tmpTar, join(ctx.outDir, 'rootfs.tar'));
   },
 });

@@ -3,7 +3,8 @@
 // qemu is always killed (process group) before bootTest returns.
 import { createWriteStream, type WriteStream } from 'node:fs';
 import { runProcess, LineTail } from '../engine/process.js';
-import type { BootPlan } from '../stage.js';
+import { QEMU_SYSTEM } from '../doctor/doctor.js';
+import { hostArch, type BootPlan } from '../stage.js';
 
 export interface BootTestOptions {
   expect: string[];
@@ -82,7 +83,8 @@ export class ConsoleScanner {
 
 /** The qemu-system binary whose guests KVM can run on this host, if any. */
 function nativeQemu(): string | undefined {
-  return process.arch === 'x64' ? 'qemu-system-x86_64' : process.arch === 'arm64' ? 'qemu-system-aarch64' : undefined;
+  const arch = hostArch();
+  return arch && QEMU_SYSTEM[arch].name;
 }
 
 /**

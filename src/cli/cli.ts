@@ -1,14 +1,19 @@
 // Command line. Exit codes: 0 ok, 1 build/test failure, 2 usage or spec error.
 import { Command, CommanderError, Option } from 'commander';
+import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { specJsonSchema } from '../../schema/spec.js';
-import { build, explain, loadSpec, prepare, VERSION } from '../engine/build.js';
+import { allVariants, build, explain, loadSpec, prepare, VERSION } from '../engine/build.js';
 import { Cache, defaultCacheRoot } from '../engine/cache.js';
+import { loadKinds } from '../engine/kinds.js';
 import { BuildError, SpecError, UsageError } from '../engine/errors.js';
 import { planDot, planJson, planMermaid, planText, specSummary } from './plan-format.js';
+import { interruptSignal } from './interrupt.js';
 import { fmt, pickMode, Progress, summaryTable } from './progress.js';
+import { parseSize } from '../lib/diskimage.js';
+import { imageSigner } from '../signing/signer.js';
 import type { StageResult } from '../engine/scheduler.js';
 
 const program = new Command();
@@ -22,29 +27,41 @@ program
 const specOpt = () => new Option('-f, --file <spec>', 'pipeline spec (default: ./pipeline.yaml, else the shipped pipelines/powernode.yaml)');
 const cacheOpt = () => new Option('--cache-dir <dir>', 'cache location (default: $PIPELINE_CACHE_DIR or $XDG_CACHE_HOME/pipeline)');
 
+const remoteOpts = (cmd: Command) =>
+  cmd
+    .option('--remote-cache <url>', 'shared cache in an OCI registry, oci://HOST[:PORT]/REPO (default: $PIPELINE_REMOTE_CACHE)')
+    .addOption(new Option('--remote-cache-mode <mode>', 'read: pull only (untrusted jobs); readwrite: also push what was built (default: $PIPELINE_REMOTE_CACHE_MODE or readwrite)').choices(['read', 'readwrite']))
+    .option('--remote-cache-verify-key <pub>', 'only use remote entries signed with this key (entries are signed with --sign / $PIPELINE_SIGNING_KEY)');
+
+/** The registry-backed remote cache, when one is configured (loaded lazily: plain builds never load registry code). */
+async function remoteCache(o: { remoteCache?: string; remoteCacheMode?: string; remoteCacheVerifyKey?: string; sign?: string }, progress: Progress, forPush = true) {
+  const url = o.remoteCache ?? process.env.PIPELINE_REMOTE_CACHE;
+  if (!url) {
+    if (o.remoteCacheVerifyKey) throw new UsageError('--remote-cache-verify-key needs --remote-cache (or $PIPELINE_REMOTE_CACHE)');
+    return undefined;
+  }
+  const mode = o.remoteCacheMode ?? process.env.PIPELINE_REMOTE_CACHE_MODE ?? 'readwrite';
+  if (mode !== 'read' && mode !== 'readwrite') throw new UsageError(`PIPELINE_REMOTE_CACHE_MODE must be read or readwrite, got "${mode}"`);
+  const { openRemoteCache } = await import('../remote-cache/open.js');
+  return openRemoteCache(url, {
+    mode: forPush ? mode : 'read',
+    verifyKey: o.remoteCacheVerifyKey,
+    sign: o.sign,
+    warn: (m) => {
+      progress.event({ event: 'warning', source: 'remote-cache', message: m });
+      process.stderr.write(`warning: ${m}\n`);
+    },
+  });
+}
+
 function parseJobs(v: string): number {
   const n = Number(v);
   if (!Number.isInteger(n) || n < 1) throw new UsageError(`--jobs expects a whole number ≥ 1, got "${v}"`);
   return n;
 }
 
-/** Ctrl-C aborts the build: running tools are killed and nothing partial is kept. */
-function interruptSignal(): AbortSignal {
-  const ac = new AbortController();
-  let count = 0;
-  const onSig = (sig: NodeJS.Signals) => {
-    count++;
-    if (count > 1) process.exit(130);
-    process.stderr.write(`\npipeline: ${sig}, stopping running stages…\n`);
-    ac.abort(new Error(sig));
-  };
-  process.on('SIGINT', onSig);
-  process.on('SIGTERM', onSig);
-  return ac.signal;
-}
-
-program
-  .command('build')
+remoteOpts(program
+  .command('build'))
   .description('build variants for an arch: pipeline build amd64 ipxe [raw …] | --all')
   .argument('<arch>', 'target architecture (amd64, arm64)')
   .argument('[variants...]', 'variants to build (see `pipeline validate`)')
@@ -58,14 +75,15 @@ program
   .option('--sign <key>', 'sign the provenance with this private key, or `keyless` (Fulcio/Rekor in CI)')
   .action(async (arch: string, variants: string[], o) => {
     const progress = new Progress(pickMode(!!o.json), process.stderr, !!o.verbose);
-    const signal = interruptSignal();
+    const { signal } = interruptSignal();
     try {
       const t0 = performance.now();
-      const r = await build({ arch, variants, all: o.all, file: o.file, cacheDir: o.cacheDir, outDir: o.out, jobs: o.jobs, reporter: progress, signal, sign: o.sign });
+      const remote = await remoteCache(o, progress);
+      const r = await build({ arch, variants, all: o.all, file: o.file, cacheDir: o.cacheDir, outDir: o.out, jobs: o.jobs, reporter: progress, signal, signer: (l) => imageSigner(o.sign, l), remote });
       progress.stop();
       // A configured cap is enforced after every build, so a CI cache never grows unbounded.
-      if (process.env.PIPELINE_CACHE_MAX_SIZE) await r.prepared.cache.gc(parseSize(process.env.PIPELINE_CACHE_MAX_SIZE));
-      reportBuild(progress, r.outcome.results, (performance.now() - t0) / 1000, r.published.map((p) => path.relative(process.cwd(), p.dir) || '.'), r.prepared.plan.sinks);
+      if (process.env.PIPELINE_CACHE_MAX_SIZE) await r.prepared.cache.gc(sizeArg(process.env.PIPELINE_CACHE_MAX_SIZE));
+      reportBuild(progress, r.outcome.results, (performance.now() - t0) / 1000, r.published.map((p) => path.relative(process.cwd(), p.dir) || '.'), r.prepared.plan.sinks, remote && { url: remote.location.repo, mode: remote.readOnly ? 'read' : 'readwrite', ...remote.stats });
     } catch (e) {
       progress.stop();
       if (e instanceof BuildError && (e as { results?: StageResult[] }).results) {
@@ -75,12 +93,14 @@ program
     }
   });
 
-function reportBuild(progress: Progress, results: StageResult[], seconds: number, dirs: string[], sinks: Record<string, string[]>): void {
+function reportBuild(progress: Progress, results: StageResult[], seconds: number, dirs: string[], sinks: Record<string, string[]>, remoteCache?: Record<string, unknown> & { bytesDown: number; bytesUp: number }): void {
   const built = results.filter((r) => r.status === 'built');
   const cached = results.filter((r) => r.status === 'cached');
-  progress.event({ event: 'summary', ok: true, seconds: Math.round(seconds * 1000) / 1000, executed: built.map((r) => r.name), cached: cached.map((r) => r.name), stages: results, outputs: dirs, variants: Object.keys(sinks) });
-  if (built.length) progress.info(summaryTable(results));
-  progress.info(`${built.length ? `built ${built.length}, ` : ''}${cached.length} cached in ${fmt(seconds)} → ${dirs.join(', ')}`);
+  const pulled = results.filter((r) => r.status === 'pulled');
+  progress.event({ event: 'summary', ok: true, seconds: Math.round(seconds * 1000) / 1000, executed: built.map((r) => r.name), cached: cached.map((r) => r.name), pulled: pulled.map((r) => r.name), stages: results, outputs: dirs, variants: Object.keys(sinks), ...(remoteCache ? { remoteCache } : {}) });
+  if (built.length || pulled.length) progress.info(summaryTable(results));
+  const rc = remoteCache ? ` (remote cache: ${human(remoteCache.bytesDown)} pulled, ${human(remoteCache.bytesUp)} pushed)` : '';
+  progress.info(`${built.length ? `built ${built.length}, ` : ''}${pulled.length ? `pulled ${pulled.length}, ` : ''}${cached.length} cached in ${fmt(seconds)}${rc} → ${dirs.join(', ')}`);
 }
 
 program
@@ -146,8 +166,8 @@ program
 program
   .command('schema')
   .description('print the spec JSON Schema (for editor completion)')
-  .action(() => {
-    process.stdout.write(JSON.stringify(specJsonSchema(), null, 2) + '\n');
+  .action(async () => {
+    process.stdout.write(JSON.stringify(specJsonSchema(await loadKinds()), null, 2) + '\n');
   });
 
 program
@@ -166,8 +186,8 @@ program
   .action(async (arch: string, variants: string[], o) => {
     const { runBootTests } = await import('../boot/boot-test.js');
     const progress = new Progress(pickMode(!!o.json), process.stderr, !!o.verbose);
-    const signal = interruptSignal();
-    const r = await build({ arch, variants, all: o.all, file: o.file, cacheDir: o.cacheDir, outDir: o.out, reporter: progress, signal });
+    const { signal } = interruptSignal();
+    const r = await build({ arch, variants, all: o.all, file: o.file, cacheDir: o.cacheDir, outDir: o.out, reporter: progress, signal, signer: (l) => imageSigner(undefined, l) });
     progress.stop();
     const ok = await runBootTests(r, { firmware: o.firmware, accel: o.accel, json: !!o.json, verbose: !!o.verbose, signal });
     if (!ok) process.exitCode = 1;
@@ -202,8 +222,104 @@ cache
   .addOption(cacheOpt())
   .action(async (o) => {
     const c = new Cache(o.cacheDir ? path.resolve(o.cacheDir) : defaultCacheRoot());
-    const r = await c.gc(parseSize(o.maxSize));
+    const r = await c.gc(sizeArg(o.maxSize));
     process.stdout.write(`evicted ${r.evicted.length} entries, freed ${human(r.freed)}; cache now ${human(r.bytes)}\n`);
+  });
+cache
+  .command('verify')
+  .description('re-hash every blob, record and tree; exit 1 and list what is bad (--repair drops it so the next build rebuilds it)')
+  .option('--repair', 'drop bad records, blobs and trees')
+  .addOption(cacheOpt())
+  .action(async (o) => {
+    const c = new Cache(o.cacheDir ? path.resolve(o.cacheDir) : defaultCacheRoot());
+    const r = await c.verifyAll({ repair: !!o.repair });
+    for (const p of r.problems) {
+      const digests = p.expected ? `: expected ${p.expected}, found ${p.found ?? 'nothing'}` : p.found ? `: ${p.found}` : '';
+      const used = p.records?.length ? ` (records: ${p.records.map((x) => `${x.stage} ${x.key.slice(0, 12)}`).join(', ')})` : '';
+      process.stdout.write(`bad ${p.what} ${p.path}: ${p.message}${digests}${used}\n`);
+    }
+    const note = r.unsealed ? `; ${r.unsealed} record(s) predate record seals` : '';
+    process.stdout.write(`${r.problems.length ? `${r.problems.length} problem(s)` : 'ok'}: ${r.records} records and ${r.blobs} blobs re-hashed in ${c.root}${note}\n`);
+    if (r.problems.length && o.repair) process.stdout.write('repaired: the bad items were dropped; the next build rebuilds them\n');
+    if (r.problems.length) process.exitCode = 1;
+  });
+
+for (const dir of ['push', 'pull'] as const) {
+  cache
+    .command(dir)
+    .description(dir === 'push' ? 'push the locally cached stages of a build to a remote cache: pipeline cache push oci://HOST/REPO amd64 ipxe' : 'pull the stages of a build from a remote cache into the local cache (verified)')
+    .argument('<url>', 'oci://HOST[:PORT]/REPO')
+    .argument('<arch>')
+    .argument('[variants...]')
+    .addOption(specOpt())
+    .addOption(cacheOpt())
+    .option('--all', 'every variant for this arch')
+    .option('--sign <key>', 'push: sign each entry (as for build)')
+    .option('--remote-cache-verify-key <pub>', 'pull: only entries signed with this key')
+    .option('--json')
+    .action(async (url: string, arch: string, variants: string[], o) => {
+      const progress = new Progress(pickMode(!!o.json), process.stderr, false);
+      const { plan, cache: local } = await prepare({ arch, variants, all: o.all, file: o.file, cacheDir: o.cacheDir });
+      const remote = (await remoteCache({ ...o, remoteCache: url, remoteCacheMode: dir === 'push' ? 'readwrite' : 'read' }, progress))!;
+      await local.init();
+      const lookups = await local.lookupAll(plan.stages.map((s) => s.key));
+      const done: string[] = [];
+      const missing: string[] = [];
+      for (const st of plan.stages) {
+        const e = lookups.get(st.key);
+        if (dir === 'push') {
+          if (!e) missing.push(st.name);
+          else {
+            await local.verify(e);
+            await remote.store(e, local);
+            if (remote.stats.pushed.some((p) => p.key === st.key)) done.push(st.name);
+          }
+        } else if (!e) {
+          if (await remote.fetch(st.key, st.name, local)) done.push(st.name);
+          else missing.push(st.name);
+        }
+      }
+      const s = remote.stats;
+      if (o.json) process.stdout.write(JSON.stringify({ event: `cache-${dir}`, url: remote.location.repo, [dir === 'push' ? 'pushed' : 'pulled']: done, missing, ...s }) + '\n');
+      else process.stderr.write(`${dir === 'push' ? 'pushed' : 'pulled'} ${done.length} entries (${human(dir === 'push' ? s.bytesUp : s.bytesDown)} moved)${missing.length ? `; ${dir === 'push' ? 'not in the local cache' : 'not in the remote cache'}: ${missing.join(', ')}` : ''}\n`);
+      if (s.unavailable !== undefined || s.pushFailed.length || s.rejected.length) process.exitCode = 1;
+    });
+}
+
+program
+  .command('matrix')
+  .description('one CI job per (arch, variant): pipeline matrix [--format github|gitlab|json] [arch…] [--variant v…] [--affected]')
+  .argument('[arches...]', 'default: every arch the spec declares')
+  .addOption(specOpt())
+  .addOption(cacheOpt())
+  .option('--variant <v...>', 'only these variants')
+  .addOption(new Option('--format <f>', 'github: {"include":[…]} for strategy.matrix; gitlab: a child pipeline; json: the list').choices(['github', 'gitlab', 'json']).default('github'))
+  .option('--affected', 'drop entries whose outputs are all in the remote cache already (needs --remote-cache or $PIPELINE_REMOTE_CACHE)')
+  .option('--remote-cache <url>', 'oci://HOST[:PORT]/REPO (default: $PIPELINE_REMOTE_CACHE)')
+  .action(async (arches: string[], o) => {
+    const { matrixEntries, dropCached, githubMatrix, gitlabPipeline } = await import('../matrix/matrix.js');
+    const { loaded } = await loadSpec(o.file);
+    const wanted = arches.length ? arches : loaded.spec.arches;
+    for (const a of wanted) if (!loaded.spec.arches.includes(a as never)) throw new UsageError(`arch "${a}" is not in the spec's arches (${loaded.spec.arches.join(', ')})`);
+    for (const v of o.variant ?? []) if (!(v in loaded.spec.variants)) throw new UsageError(`unknown variant "${v}"; the spec has: ${Object.keys(loaded.spec.variants).join(', ')}`);
+    const plans = [];
+    for (const arch of wanted) {
+      const variants = allVariants(loaded, arch).filter((v) => !o.variant || o.variant.includes(v));
+      if (variants.length) plans.push((await prepare({ arch, variants, file: o.file, cacheDir: o.cacheDir })).plan);
+    }
+    let entries = matrixEntries(plans);
+    if (o.affected) {
+      const progress = new Progress('plain', process.stderr, false);
+      const remote = await remoteCache({ remoteCache: o.remoteCache }, progress, false);
+      if (!remote) throw new UsageError('--affected needs a remote cache: --remote-cache oci://HOST/REPO or $PIPELINE_REMOTE_CACHE');
+      const have = new Set<string>();
+      for (const k of new Set(entries.flatMap((e) => Object.values(e.keys)))) if (await remote.has(k)) have.add(k);
+      // An unusable registry drops nothing: every job runs (and builds locally).
+      const r = dropCached(entries, have);
+      entries = r.kept;
+      process.stderr.write(r.dropped.length ? `already in the remote cache, dropped: ${r.dropped.map((e) => e.id).join(', ')}\n` : 'no entry is fully in the remote cache\n');
+    }
+    process.stdout.write(o.format === 'github' ? githubMatrix(entries) + '\n' : o.format === 'gitlab' ? gitlabPipeline(entries) : JSON.stringify(entries, null, 2) + '\n');
   });
 
 program
@@ -216,13 +332,13 @@ program
   .addOption(cacheOpt())
   .option('-o, --out <dir>', 'output root', 'images')
   .option('--insecure', 'plain http (default only for loopback registries)')
-  .option('--chunk-size <bytes>', 'upload blobs larger than this in chunks', (v) => parseSize(v))
+  .option('--chunk-size <bytes>', 'upload blobs larger than this in chunks', sizeArg)
   .option('--sign <key>', 'sign the provenance (as for build) and attach it to the pushed image as an OCI referrer')
   .option('--json')
   .action(async (arch: string, variant: string, o) => {
     const progress = new Progress(pickMode(!!o.json), process.stderr, false);
-    const signal = interruptSignal();
-    const r = await build({ arch, variants: [variant], file: o.file, cacheDir: o.cacheDir, outDir: o.out, reporter: progress, signal, sign: o.sign });
+    const { signal } = interruptSignal();
+    const r = await build({ arch, variants: [variant], file: o.file, cacheDir: o.cacheDir, outDir: o.out, reporter: progress, signal, signer: (l) => imageSigner(o.sign, l) });
     progress.stop();
     const pub = r.published[0]!;
     const { pushLayout } = await import('../registry/registry.js');
@@ -240,6 +356,46 @@ program
     else {
       process.stderr.write(`pushed ${o.to}@${res.digest} (${res.pushed.length} blobs uploaded, ${res.skipped.length} already there)\n`);
       if (attestation) process.stderr.write(`attached signed provenance as ${o.to.replace(/:[^:/]*$/, '')}:${attestation.tag}\n`);
+    }
+  });
+
+program
+  .command('release')
+  .description('build (cached) and publish a release: images, artifacts, a signed release manifest, a webhook')
+  .argument('<version>', 'release version, used in tags (v1.4.0)')
+  .argument('<arch>', 'architecture, or several: amd64,arm64')
+  .argument('[variants...]')
+  .requiredOption('--registry <oci://host/repo>', 'OCI registry repository; credentials as for push')
+  .addOption(specOpt())
+  .addOption(cacheOpt())
+  .option('--all', 'every variant the spec declares for the arch')
+  .option('-o, --out <dir>', 'output root', 'images')
+  .option('--webhook <url>', 'POST a Standard Webhooks signed notice here when published')
+  .option('--webhook-secret-file <file>', 'whsec_<base64> secret (else $PIPELINE_WEBHOOK_SECRET)')
+  .addOption(new Option('--webhook-header-style <style>', 'also send GitHub\'s X-Hub-Signature-256').choices(['standard', 'github']).default('standard'))
+  .option('--sign <key>', 'sign (a key file or `keyless`), as for build')
+  .option('--dry-run', 'build and print what would be published; publish nothing')
+  .option('--force', 'overwrite a release of this version made from a different spec')
+  .option('--insecure', 'plain http (default only for loopback registries)')
+  .option('--chunk-size <bytes>', 'upload blobs larger than this in chunks', sizeArg)
+  .option('--json')
+  .action(async (version: string, arch: string, variants: string[], o) => {
+    const { runRelease, ReleaseError } = await import('../release/publish.js');
+    const { formatRelease } = await import('../release/report.js');
+    const progress = new Progress(pickMode(!!o.json), process.stderr, false);
+    const { signal } = interruptSignal();
+    try {
+      const r = await runRelease({
+        version, arches: arch.split(',').filter(Boolean), variants, all: o.all, registry: o.registry, file: o.file, cacheDir: o.cacheDir, outDir: o.out,
+        webhook: o.webhook, webhookSecretFile: o.webhookSecretFile, headerStyle: o.webhookHeaderStyle, sign: o.sign, dryRun: o.dryRun, force: o.force,
+        insecure: o.insecure, chunkSize: o.chunkSize, reporter: progress, signal, log: (l) => progress.info(l),
+      });
+      progress.stop();
+      process.stdout.write(o.json ? JSON.stringify({ event: 'release', ok: true, ...r }) + '\n' : formatRelease(r));
+    } catch (e) {
+      progress.stop();
+      if (o.json && e instanceof ReleaseError) process.stdout.write(JSON.stringify({ event: 'release', ok: false, error: e.message, steps: e.steps }) + '\n');
+      throw e;
     }
   });
 
@@ -265,6 +421,12 @@ program
   .action(async (dir: string, o) => {
     const { verifyImageDir, VerifyError } = await import('../signing/verify.js');
     try {
+      if (existsSync(path.join(dir, 'release-manifest.json'))) {
+        const { verifyReleaseDir } = await import('../release/verify.js');
+        const r = await verifyReleaseDir(path.resolve(dir), { publicKeyPath: o.key, certificateIdentity: o.certificateIdentity, certificateIssuer: o.certificateOidcIssuer, trustedRootPath: o.trustedRoot });
+        process.stderr.write(`verified release ${r.version} manifest in ${dir}: ${r.entries} entries, signed by ${r.signer}\n`);
+        return;
+      }
       const r = await verifyImageDir(path.resolve(dir), { publicKeyPath: o.key, certificateIdentity: o.certificateIdentity, certificateIssuer: o.certificateOidcIssuer, trustedRootPath: o.trustedRoot });
       process.stderr.write(`verified ${dir}: ${r.files} files, signed by ${r.signer}\n`);
     } catch (e) {
@@ -275,6 +437,18 @@ program
       }
       throw e;
     }
+  });
+
+const pkgRepo = program.command('pkg-repo').description('FreeBSD pkg repositories');
+pkgRepo
+  .command('verify')
+  .description('check a pkg repository as a client does, offline: catalogue signatures and every package sum')
+  .argument('<dir>', 'e.g. images/pkgrepo/amd64')
+  .option('--pubkey <file>', 'the repository public key (signature_type: pubkey)')
+  .option('--fingerprint <file>', 'a trusted/ fingerprint file or directory (signature_type: fingerprints)')
+  .action(async (dir: string, o) => {
+    const { pkgRepoVerifyCommand } = await import('../lib/pkgrepo/verify-cli.js');
+    process.exitCode = await pkgRepoVerifyCommand(path.resolve(dir), o);
   });
 
 program
@@ -299,16 +473,19 @@ program
   .command('doctor')
   .description('what this machine offers for builds, in plain words')
   .addOption(cacheOpt())
+  .option('--apt-packages', 'only list the Debian packages every stage kind needs, one a line (scripts/setup installs them)')
   .action(async (o) => {
     const { doctorCommand } = await import('../doctor/doctor.js');
-    process.exitCode = await doctorCommand({ cacheDir: o.cacheDir ? path.resolve(o.cacheDir) : defaultCacheRoot() });
+    process.exitCode = await doctorCommand({ cacheDir: o.cacheDir ? path.resolve(o.cacheDir) : defaultCacheRoot(), aptPackages: o.aptPackages });
   });
 
-export function parseSize(s: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?$/i.exec(s.trim());
-  if (!m) throw new UsageError(`invalid size "${s}"; expected e.g. 500M, 20G`);
-  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
-  return Math.floor(Number(m[1]) * mult);
+/** A size argument (500M, 20G); a bad one is a usage error (exit 2). */
+export function sizeArg(s: string): number {
+  try {
+    return parseSize(s);
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
 }
 
 export function human(n: number): string {

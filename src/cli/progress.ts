@@ -39,7 +39,7 @@ export class Progress implements Reporter {
       return;
     }
     if (r.status === 'cached' || r.status === 'unused') return; // says little when all goes well
-    const mark = r.status === 'built' ? '✓' : r.status === 'failed' ? '✗' : '∅';
+    const mark = r.status === 'built' ? '✓' : r.status === 'pulled' ? '↓' : r.status === 'failed' ? '✗' : '∅';
     this.print(`  ${mark} ${st.name} (${st.kind}) ${r.status} in ${fmt(r.seconds)}`);
   }
 
@@ -107,6 +107,6 @@ export function summaryTable(results: StageResult[]): string {
   const rows = results.filter((r) => r.status !== 'unused');
   const w = Math.max(5, ...rows.map((r) => r.name.length));
   const k = Math.max(4, ...rows.map((r) => r.kind.length));
-  const lines = rows.map((r) => `  ${r.name.padEnd(w)}  ${r.kind.padEnd(k)}  ${r.status.padEnd(9)} ${r.status === 'built' || r.status === 'failed' ? fmt(r.seconds) : ''}`.trimEnd());
+  const lines = rows.map((r) => `  ${r.name.padEnd(w)}  ${r.kind.padEnd(k)}  ${r.status.padEnd(9)} ${r.status === 'built' || r.status === 'failed' || r.status === 'pulled' ? fmt(r.seconds) : ''}`.trimEnd());
   return [`  ${'stage'.padEnd(w)}  ${'kind'.padEnd(k)}  status`, ...lines].join('\n');
 }

@@ -1,103 +1,17 @@
-// `pipeline doctor` and the build preflight. assessHost and formatDoctor are pure:
-// probe facts in, findings and text out. The I/O (probing) is in probe.ts.
+// `pipeline doctor`: what this machine offers, in plain words. The build's own
+// preflight (src/engine/preflight.ts) judges root, emulation, loop devices, tools and
+// packages; doctor adds the qemu boot probes and looks at every kind, not one plan.
+// assessHost and formatDoctor are pure: probe facts in, findings and text out.
+import { existsSync, readdirSync } from 'node:fs';
+import path from 'node:path';
+import { canExecute, hostFindings, installFindings, type Finding, type Level, type Needs, type PreflightFacts } from '../engine/preflight.js';
+import { allVariants } from '../engine/build.js';
+import { requirements } from '../engine/compile.js';
+import { loadKinds, PACKAGE_ROOT, type Kinds } from '../engine/kinds.js';
+import { loadSpecFile } from '../engine/spec.js';
+import { runtimePackages } from '../engine/tools.js';
 import { ARCHES, type Arch, type StageModule, type ToolSpec } from '../stage.js';
-import { debianArch, probeAccel, probeHost, QEMU_USER, type HostFacts, type ToolFact } from './probe.js';
-
-export type Level = 'ok' | 'warn' | 'error';
-
-export interface Finding {
-  level: Level;
-  /** Short subject: "root", "mkcomposefs", "kvm". */
-  what: string;
-  /** Plain words, one line. */
-  detail: string;
-  /** The exact command(s) that fix it. */
-  fix?: string;
-}
-
-export interface Needs {
-  tools: ToolSpec[];
-  arches: Arch[];
-  needsRoot?: boolean;
-  needsLoop?: boolean;
-  /** Reported too, but missing ones are warnings (e.g. arm64-only tools when doctor runs without a spec). */
-  optionalTools?: ToolSpec[];
-}
-
-/** One apt-get line for every missing tool: packages deduplicated and sorted. */
-export function aptInstallLine(missing: { apt: string }[]): string {
-  return `apt-get install -y ${[...new Set(missing.map((t) => t.apt))].sort().join(' ')}`;
-}
-
-const BINFMT_PACKAGES = 'apt-get install -y binfmt-support qemu-user-static';
-const BINFMT_MOUNT = 'mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc';
-
-function rootFinding(f: HostFacts, needs: Needs): Finding {
-  const usesMmdebstrap = needs.tools.some((t) => t.name === 'mmdebstrap');
-  if (f.root) return { level: 'ok', what: 'root', detail: `running as root (mmdebstrap ${f.mmdebstrap.detail})` };
-  const who = `running as ${f.user} (uid ${f.uid})`;
-  if (needs.needsRoot) return { level: 'error', what: 'root', detail: `${who}; this build needs root`, fix: 'run the build as root (e.g. with sudo)' };
-  if (f.mmdebstrap.modes.includes('unshare')) return { level: 'ok', what: 'root', detail: `${who}; mmdebstrap will use mode=unshare` };
-  if (usesMmdebstrap) {
-    return {
-      level: 'error',
-      what: 'root',
-      detail: `${who}, and mmdebstrap cannot run: mode=root needs root, ${f.mmdebstrap.detail}`,
-      fix: `run the build as root, or: apt-get install -y uidmap && usermod --add-subuids 100000-165535 --add-subgids 100000-165535 ${f.user}`,
-    };
-  }
-  return { level: 'warn', what: 'root', detail: `${who}; stages that need root will fail` };
-}
-
-function usernsFinding(f: HostFacts): Finding {
-  if (f.userns.usable) return { level: 'ok', what: 'user namespaces', detail: f.userns.detail };
-  let fix: string | undefined;
-  if (f.userns.unprivilegedClone === 0) fix = 'sysctl -w kernel.unprivileged_userns_clone=1';
-  else if (f.userns.maxUserNamespaces === 0) fix = 'sysctl -w user.max_user_namespaces=15000';
-  // Only fatal through mmdebstrap, which rootFinding already judges.
-  return { level: 'warn', what: 'user namespaces', detail: `not usable: ${f.userns.detail}`, fix };
-}
-
-function binfmtFindings(f: HostFacts, needs: Needs): Finding[] {
-  const out: Finding[] = [];
-  for (const arch of Object.keys(f.binfmt.entries).sort() as Arch[]) {
-    const e = f.binfmt.entries[arch]!;
-    const what = `${arch} emulation`;
-    const needed = needs.arches.includes(arch);
-    if (f.binfmt.mounted && f.binfmt.enabled && e.registered && e.enabled) {
-      const how = [e.interpreter, e.flags !== undefined ? `flags ${e.flags || '-'}` : undefined].filter(Boolean).join(', ');
-      out.push({ level: 'ok', what, detail: `binfmt_misc runs ${arch} binaries through ${e.name}${how ? ` (${how})` : ''}` });
-      continue;
-    }
-    let problem: string;
-    if (!f.binfmt.mounted) problem = 'binfmt_misc is not mounted';
-    else if (!f.binfmt.enabled) problem = 'binfmt_misc is switched off';
-    else if (!e.registered) problem = `${e.name} is not registered with binfmt_misc`;
-    else problem = `${e.name} is registered but disabled`;
-    const steps: string[] = [];
-    if (!e.installed || !f.binfmt.updateBinfmts) steps.push(BINFMT_PACKAGES);
-    if (!f.binfmt.mounted) steps.push(BINFMT_MOUNT);
-    if (f.binfmt.mounted && !f.binfmt.enabled) steps.push('echo 1 > /proc/sys/fs/binfmt_misc/status');
-    steps.push(`update-binfmts --enable ${QEMU_USER[arch]}`);
-    out.push({
-      level: needed ? 'error' : 'warn',
-      what,
-      detail: `${problem}; ${needed ? `${arch} builds need it` : `only ${arch} builds need it`}`,
-      fix: steps.join(' && '),
-    });
-  }
-  return out;
-}
-
-function loopFinding(f: HostFacts, needs: Needs): Finding {
-  if (f.loop.control && f.loop.free) return { level: 'ok', what: 'loop devices', detail: `/dev/loop-control present, ${f.loop.detail}` };
-  return {
-    level: needs.needsLoop ? 'error' : 'warn',
-    what: 'loop devices',
-    detail: `${f.loop.detail}${needs.needsLoop ? '; this build needs them' : ''}`,
-    fix: f.loop.control ? undefined : 'modprobe loop',
-  };
-}
+import { probeAccel, probeHost, type HostFacts } from './probe.js';
 
 function kvmFindings(f: HostFacts): Finding[] {
   const k = f.kvm;
@@ -117,41 +31,9 @@ function kvmFindings(f: HostFacts): Finding[] {
   return out;
 }
 
-function toolFindings(f: HostFacts, needs: Needs): Finding[] {
-  const byName = new Map<string, ToolFact>(f.tools.map((t) => [t.name, t]));
-  const wanted = new Map<string, ToolSpec>();
-  for (const t of needs.tools) wanted.set(t.name, t);
-  const optional = new Map<string, ToolSpec>();
-  for (const t of needs.optionalTools ?? []) if (!wanted.has(t.name)) optional.set(t.name, t);
-  const names = [...new Set([...wanted.keys(), ...optional.keys()])].sort();
-  const missingFix = (pool: Map<string, ToolSpec>) => {
-    const missing = [...pool.keys()].filter((n) => !byName.get(n)?.path).map((n) => pool.get(n)!);
-    return missing.length ? aptInstallLine(missing) : undefined;
-  };
-  const fix = missingFix(wanted);
-  const optionalFix = missingFix(optional);
-  return names.map((name): Finding => {
-    const t = byName.get(name);
-    const isOptional = !wanted.has(name);
-    if (!t) return { level: 'warn', what: name, detail: 'was not checked' };
-    if (!t.path && isOptional) return { level: 'warn', what: name, detail: 'not found (optional)', fix: optionalFix };
-    if (!t.path) return { level: 'error', what: name, detail: 'not found', fix };
-    if (t.error) return { level: 'error', what: name, detail: `found at ${t.path}, but reading its version failed: ${t.error}` };
-    if (t.versionKnown === false) return { level: 'warn', what: name, detail: `found at ${t.path}, but it prints no version; its content hash stands in` };
-    return { level: 'ok', what: name, detail: t.version ?? '' };
-  });
-}
-
 /** Turn probe facts into findings for a build that needs `needs`. Pure. */
 export function assessHost(facts: HostFacts, needs: Needs): Finding[] {
-  return [
-    rootFinding(facts, needs),
-    usernsFinding(facts),
-    ...binfmtFindings(facts, needs),
-    loopFinding(facts, needs),
-    ...kvmFindings(facts),
-    ...toolFindings(facts, needs),
-  ];
+  return [...hostFindings(facts, needs), ...kvmFindings(facts), ...installFindings(facts, needs)];
 }
 
 const SYMBOL: Record<Level, string> = { ok: '✓', warn: '!', error: '✗' };
@@ -180,15 +62,6 @@ export function formatDoctor(findings: Finding[], opts: { color?: boolean } = {}
   return lines.join('\n') + (lines.length ? '\n' : '');
 }
 
-/**
- * Build preflight: the cheap probes only (no qemu), so a build that cannot run fails
- * before any stage starts. Returns the error findings; empty means go.
- */
-export async function preflight(needs: Needs & { cacheDir?: string }): Promise<Finding[]> {
-  const facts = await probeHost({ tools: needs.tools, arches: needs.arches, cacheDir: needs.cacheDir, boot: false });
-  return assessHost(facts, needs).filter((f) => f.level === 'error');
-}
-
 /** qemu accelerator for boot tests: KVM only if the (cached) probe boot under KVM worked. */
 export async function chooseAccel(cacheDir: string): Promise<'kvm' | 'tcg'> {
   const k = await probeAccel(cacheDir);
@@ -201,56 +74,113 @@ export const QEMU_SYSTEM: Record<Arch, ToolSpec> = {
   arm64: { name: 'qemu-system-aarch64', apt: 'qemu-system-arm' },
 };
 
+/** Add tools to a by-name map, merging a tool's runtime packages (they differ per arch). */
+function addTools(into: Map<string, ToolSpec>, tools: ToolSpec[]): void {
+  for (const t of tools) {
+    const packages = [...new Set([...(into.get(t.name)?.packages ?? []), ...(t.packages ?? [])])].sort();
+    into.set(t.name, packages.length ? { ...t, packages } : t);
+  }
+}
+
 /**
- * Every tool the known stage kinds run with their default params (kinds whose params
- * have required fields are asked with what parses; the rest are skipped), plus the qemu
- * emulators for boot tests. For `doctor` without a spec.
+ * Every tool the kinds run for these arches, with their default params. A kind whose
+ * params have required fields is skipped, or with `unparsed` asked with none at all
+ * (what it runs whatever the spec says).
  */
-export function knownTools(kinds: Iterable<StageModule>, arches: readonly Arch[] = ARCHES): ToolSpec[] {
+function kindTools(kinds: Iterable<StageModule>, arches: readonly Arch[], opts: { unparsed?: boolean } = {}): Map<string, ToolSpec> {
   const tools = new Map<string, ToolSpec>();
   for (const mod of kinds) {
     const parsed = mod.params.safeParse({});
-    if (!parsed.success) continue;
+    if (!parsed.success && !opts.unparsed) continue;
     for (const arch of arches) {
       if (mod.arches && !mod.arches.includes(arch)) continue;
       try {
-        for (const t of mod.tools(parsed.data as never, arch)) tools.set(t.name, t);
+        addTools(tools, mod.tools((parsed.success ? parsed.data : {}) as never, arch));
       } catch {
-        // tools() may need params the defaults do not give
+        // tools() may need params the defaults do not give; the specs' own stages cover it
       }
     }
   }
+  return tools;
+}
+
+const byName = (a: ToolSpec, b: ToolSpec) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+
+/**
+ * Every tool the known stage kinds run with their default params (kinds whose params
+ * have required fields are skipped), plus the qemu emulators for boot tests. For
+ * `doctor` without a spec.
+ */
+export function knownTools(kinds: Iterable<StageModule>, arches: readonly Arch[] = ARCHES): ToolSpec[] {
+  const tools = kindTools(kinds, arches);
   for (const arch of arches) tools.set(QEMU_SYSTEM[arch].name, QEMU_SYSTEM[arch]);
-  return [...tools.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  return [...tools.values()].sort(byName);
+}
+
+/**
+ * The Debian packages builds on this machine need: every kind's tools for every arch
+ * (ToolSpec.apt) and their runtime packages (ToolSpec.packages), plus those of
+ * `extra` tools (the stages of the shipped specs, with their real params). Sorted.
+ * `pipeline doctor --apt-packages` prints it for scripts/setup.
+ */
+export function aptPackages(kinds: Iterable<StageModule>, extra: ToolSpec[] = []): string[] {
+  const tools = kindTools(kinds, ARCHES, { unparsed: true });
+  addTools(tools, extra);
+  const out = new Set<string>();
+  for (const t of tools.values()) for (const p of [t.apt, ...(t.packages ?? [])]) out.add(p);
+  return [...out].sort();
+}
+
+/**
+ * The tools of every stage the shipped specs (pipelines/*.yaml) build, for every arch
+ * each declares, with the params they really use: a tool that only some params bring
+ * in is found here. (Test fixtures are left out: some use test-only kinds.)
+ */
+export function shippedSpecTools(kinds: Kinds): ToolSpec[] {
+  const tools = new Map<string, ToolSpec>();
+  const dir = path.join(PACKAGE_ROOT, 'pipelines');
+  for (const f of existsSync(dir) ? readdirSync(dir).filter((n) => n.endsWith('.yaml')).sort() : []) {
+    const loaded = loadSpecFile(path.join(dir, f), kinds);
+    for (const arch of loaded.spec.arches) addTools(tools, requirements(loaded, arch, allVariants(loaded, arch), kinds).tools);
+  }
+  return [...tools.values()];
+}
+
+/**
+ * What doctor holds this machine to: the kinds' tools and runtime packages for every
+ * arch it can build right now (its own, and a foreign one binfmt_misc already runs:
+ * there a missing package such as arch-test is what breaks the build), as errors;
+ * those of the other arches as warnings.
+ */
+export function doctorNeeds(kinds: Iterable<StageModule>, facts: PreflightFacts): Needs {
+  const all = [...kinds];
+  const arches = ARCHES.filter((a) => canExecute(facts, a));
+  const tools = knownTools(all, arches);
+  const optionalTools = knownTools(all, ARCHES.filter((a) => !arches.includes(a)));
+  return { tools, optionalTools, arches, packages: runtimePackages(tools), optionalPackages: runtimePackages(optionalTools) };
 }
 
 /**
  * `pipeline doctor`: probe everything (including the qemu boots), print the report,
  * return the exit code (1 if anything would stop a build).
  */
-export async function runDoctor(
-  opts: { cacheDir?: string; tools?: ToolSpec[]; arches?: Arch[]; color?: boolean; out?: NodeJS.WritableStream } = {},
-): Promise<number> {
+export async function runDoctor(opts: { cacheDir?: string; color?: boolean; out?: NodeJS.WritableStream } = {}): Promise<number> {
   const out = opts.out ?? process.stdout;
-  // Without a spec only the host's own arch is required; the others are reported as warnings.
-  const hostArch = debianArch(process.arch);
-  const required = opts.arches ?? (hostArch ? [hostArch] : []);
-  let tools = opts.tools;
-  let optionalTools: ToolSpec[] = [];
-  if (!tools) {
-    const kinds = [...(await (await import('../engine/kinds.js')).loadKinds()).values()];
-    tools = knownTools(kinds, required);
-    optionalTools = knownTools(kinds, ARCHES.filter((a) => !required.includes(a)));
-  }
-  const facts = await probeHost({ tools: [...tools, ...optionalTools], arches: ARCHES, cacheDir: opts.cacheDir });
-  const needs: Needs = { tools, optionalTools, arches: required };
-  const findings = assessHost(facts, needs);
+  const kinds = [...(await loadKinds()).values()];
+  const all = knownTools(kinds, ARCHES);
+  const facts = await probeHost({ tools: all, packages: runtimePackages(all).map((p) => p.apt), arches: ARCHES, cacheDir: opts.cacheDir });
+  const findings = assessHost(facts, doctorNeeds(kinds, facts));
   const color = opts.color ?? (out === process.stdout && process.stdout.isTTY === true && !process.env.NO_COLOR);
   out.write(formatDoctor(findings, { color }));
   return findings.some((f) => f.level === 'error') ? 1 : 0;
 }
 
-/** Entry point for `pipeline doctor`. */
-export async function doctorCommand(opts: { cacheDir: string }): Promise<number> {
+/** Entry point for `pipeline doctor` (and `--apt-packages`, which only lists and probes nothing). */
+export async function doctorCommand(opts: { cacheDir: string; aptPackages?: boolean }): Promise<number> {
+  if (opts.aptPackages) {
+    const kinds = await loadKinds();
+    process.stdout.write(aptPackages(kinds.values(), shippedSpecTools(kinds)).map((p) => `${p}\n`).join(''));
+    return 0;
+  }
   return runDoctor({ cacheDir: opts.cacheDir });
 }

@@ -1,9 +1,9 @@
 // Orchestration (I/O): load the spec, gather facts, compile, run, publish.
 // The CLI commands are thin wrappers around these functions.
-import { existsSync, readFileSync } from 'node:fs';
+import { constants as fsConstants, existsSync, promises as fs, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { assetDigests } from './assets.js';
+import { assetDigests, checkSpecPaths } from './assets.js';
 import { Cache, defaultCacheRoot } from './cache.js';
 import { compile, diffParts, requirements, type Plan } from './compile.js';
 import { resolveEpoch, type EpochSource } from './epoch.js';
@@ -11,13 +11,11 @@ import { BuildError, SpecError, UsageError } from './errors.js';
 import { loadKinds, PACKAGE_ROOT, type Kinds } from './kinds.js';
 import { publish, type Published } from './publish.js';
 import { runPlan, type Reporter, type RunOutcome } from './scheduler.js';
+import type { RemoteStore } from './remote.js';
 import { loadSpecFile, type LoadedSpec } from './spec.js';
 import { hostArch } from '../stage.js';
-import { aptInstallLine, preflight } from '../doctor/doctor.js';
-import { toolVersions } from '../doctor/probe.js';
-
-/** Same name as in signing.ts, repeated so this module need not load sigstore. */
-const SIGNING_KEY_ENV = 'PIPELINE_SIGNING_KEY';
+import { preflight } from './preflight.js';
+import { aptInstallLine, runtimePackages, toolVersions } from './tools.js';
 
 export const VERSION: string = JSON.parse(readFileSync(path.join(PACKAGE_ROOT, 'package.json'), 'utf8')).version;
 
@@ -46,7 +44,11 @@ export interface Prepared {
 
 export async function loadSpec(file?: string): Promise<{ kinds: Kinds; loaded: LoadedSpec }> {
   const kinds = await loadKinds();
-  return { kinds, loaded: loadSpecFile(specPath(file), kinds) };
+  const loaded = loadSpecFile(specPath(file), kinds);
+  // Paths in the spec are checked against the file system here, once, for every command.
+  const pathIssues = checkSpecPaths(loaded, kinds);
+  if (pathIssues.length) throw new SpecError(pathIssues);
+  return { kinds, loaded };
 }
 
 /** Every variant the spec declares for an arch (for --all). */
@@ -59,12 +61,13 @@ export function allVariants(loaded: LoadedSpec, arch: string): string[] {
 export async function prepare(opts: CommonOptions & { arch: string; variants: string[]; all?: boolean; forRun?: boolean }): Promise<Prepared> {
   const { kinds, loaded } = await loadSpec(opts.file);
   const variants = opts.all ? allVariants(loaded, opts.arch) : opts.variants;
+  // Nothing is created here: a command that fails on its arguments leaves no cache
+  // behind; build() creates the store when it is about to run stages.
   const cache = new Cache(opts.cacheDir ? path.resolve(opts.cacheDir) : defaultCacheRoot());
-  await cache.init();
   const req = requirements(loaded, opts.arch, variants, kinds);
   const [{ epoch, source }, tv, assets] = await Promise.all([
     resolveEpoch(loaded.file, loaded.spec.source_date_epoch),
-    toolVersions(req.tools, cache.root),
+    toolVersions(req.tools, existsSync(cache.root) ? cache.root : undefined),
     assetDigests(req.assets, loaded.dir),
   ]);
   if (tv.missing.length) {
@@ -97,8 +100,14 @@ export interface BuildOptions extends CommonOptions {
   jobs?: number;
   reporter?: Reporter;
   signal?: AbortSignal;
-  /** --sign value: a key file or `keyless` (else $PIPELINE_SIGNING_KEY, else the spec's signing.key). */
-  sign?: string;
+  /**
+   * Called once the spec is loaded, before any stage runs: returns what signs each
+   * published directory, or undefined for no signing (the CLI passes imageSigner
+   * from src/signing/signer.ts; the engine itself knows nothing of keys).
+   */
+  signer?: (loaded: LoadedSpec) => Promise<((dir: string) => Promise<void>) | undefined>;
+  /** A shared cache (the CLI's registry-backed one): asked on local misses, handed built stages. */
+  remote?: RemoteStore;
 }
 
 export interface BuildResult {
@@ -108,19 +117,16 @@ export interface BuildResult {
 }
 
 export async function build(opts: BuildOptions): Promise<BuildResult> {
+  await checkOutDir(path.resolve(opts.outDir ?? 'images'));
   const prepared = await prepare({ ...opts, forRun: true });
   const { plan, cache, loaded } = prepared;
-  await checkHost(plan, cache);
+  // A killed build's staging and scratch dirs go first; live concurrent builds keep theirs.
+  await cache.cleanStaging();
+  const lookups = await cache.lookupAll(plan.stages.map((s) => s.key));
+  await checkHost(plan, cache, lookups);
   // Resolve (and read) the key before any stage runs: a bad key fails fast.
-  // The sigstore libraries are only loaded when signing is on: they cost more
-  // start-up time than the whole of a cached no-op build.
-  let sign: ((dir: string) => Promise<void>) | undefined;
-  if (opts.sign || process.env[SIGNING_KEY_ENV] || loaded.spec.signing?.key) {
-    const { resolveSigningKey, signImageDir, signOptionsFromRef } = await import('../signing/signing.js');
-    const keyRef = resolveSigningKey(opts.sign, loaded.spec.signing?.key, process.env, loaded.dir);
-    if (keyRef?.kind === 'file' && !existsSync(keyRef.path)) throw new UsageError(`signing key not found: ${keyRef.path} (create one with \`pipeline keygen --out ${path.dirname(keyRef.path)}\`)`);
-    if (keyRef) sign = (dir: string) => signImageDir(dir, signOptionsFromRef(keyRef));
-  }
+  const sign = await opts.signer?.(loaded);
+  await cache.init(); // every check passed: from here on the build runs
   const logDir = path.join(cache.root, 'logs', plan.spec.name, plan.arch);
   const outcome = await runPlan(plan, {
     cache,
@@ -129,14 +135,11 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
     signal: opts.signal,
     reporter: opts.reporter,
     logDir,
+    lookups,
+    remote: opts.remote,
   });
   if (opts.signal?.aborted) throw new BuildError('build interrupted');
-  await Promise.all(
-    plan.stages.map(async (st) => {
-      await cache.writeHistory(plan.spec.name, plan.arch, st.name, st.key, st.parts);
-      if (outcome.entries.has(st.name)) await cache.touch(st.key);
-    }),
-  );
+  await cache.recordBuild(plan, [...outcome.entries.values()].map((e) => e.key));
   const published: Published[] = [];
   const outRoot = path.resolve(opts.outDir ?? 'images');
   for (const variant of plan.variants) {
@@ -144,6 +147,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
       await publish(plan, variant, outcome.entries, {
         outRoot,
         blobPath: (sha) => cache.blobPath(sha),
+        onCorrupt: (sha) => cache.dropBlob(sha),
         builderVersion: VERSION,
         sign,
       }),
@@ -156,20 +160,72 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
  * Fail before any stage starts if the machine cannot run the stages that will
  * run (privileges, foreign-arch emulation), with the fix in plain words.
  */
-async function checkHost(plan: Plan, cache: Cache): Promise<void> {
-  const misses = (await Promise.all(plan.stages.map(async (s) => ((await cache.lookup(s.key)) ? undefined : s)))).filter((s) => s !== undefined);
+async function checkHost(plan: Plan, cache: Cache, lookups: ReadonlyMap<string, unknown>): Promise<void> {
+  const misses = plan.stages.filter((s) => !lookups.has(s.key));
   if (!misses.length) return;
   const needs = new Set(misses.flatMap((s) => s.mod.requires ?? []));
   const foreign = hostArch() !== plan.arch && misses.some((s) => s.mod.requires?.includes('foreign-exec'));
   const errors = await preflight({
-    tools: [],
+    tools: [], // prepare() already found them
+    packages: runtimePackages(misses.flatMap((s) => s.tools)),
     arches: foreign ? [plan.arch] : [],
     needsRoot: needs.has('root'),
     needsLoop: needs.has('loop'),
     cacheDir: cache.root,
   });
   if (errors.length) {
-    throw new UsageError(`this machine cannot run the build:\n${errors.map((f) => `  ✗ ${f.what}: ${f.detail}${f.fix ? `\n    fix: ${f.fix}` : ''}`).join('\n')}`);
+    // A fix shared by several findings (one apt-get line) is printed once, after the last.
+    const lines = errors.map((f, i) => `  ✗ ${f.what}: ${f.detail}${f.fix && !errors.slice(i + 1).some((g) => g.fix === f.fix) ? `\n    fix: ${f.fix}` : ''}`);
+    throw new UsageError(`this machine cannot run the build:\n${lines.join('\n')}`);
+  }
+}
+
+// statfs f_type of file systems an output tree can never live on (linux/magic.h).
+const PSEUDO_FS: Record<number, string> = {
+  0x9fa0: 'proc',
+  0x62656572: 'sysfs',
+  0x27e0eb: 'cgroup',
+  0x63677270: 'cgroup2',
+  0x64626720: 'debugfs',
+  0x74726163: 'tracefs',
+  0x73636673: 'securityfs',
+  0x1cd1: 'devpts',
+  0x6165676c: 'pstore',
+  0xcafe4a11: 'bpf',
+  0x62656570: 'configfs',
+  0xde5e81e4: 'efivarfs',
+  0x65735543: 'fusectl',
+  0x19800202: 'mqueue',
+  0x42494e4d: 'binfmt_misc',
+  0xf97cff8c: 'selinuxfs',
+};
+const TMPFS_MAGIC = 0x01021994; // devtmpfs reports tmpfs's magic
+
+/**
+ * --out must be a directory we can create and write, on a real file system:
+ * checked before anything runs (publishing under /proc would spin forever, a
+ * file in the way would fail only after every stage ran).
+ */
+export async function checkOutDir(outRoot: string): Promise<void> {
+  let dir = outRoot;
+  for (;;) {
+    const st = await fs.stat(dir).catch((e: NodeJS.ErrnoException) => (e.code === 'ENOENT' || e.code === 'ENOTDIR' ? undefined : Promise.reject(e)));
+    if (st) {
+      if (!st.isDirectory()) throw new UsageError(`--out ${outRoot}: expected a directory (or a path that can be created), found ${dir === outRoot ? 'a file' : `a file at ${dir}`}`);
+      break;
+    }
+    const up = path.dirname(dir);
+    if (up === dir) break;
+    dir = up;
+  }
+  const real = await fs.realpath(dir);
+  const sfs = await fs.statfs(real);
+  const pseudo = PSEUDO_FS[Number(sfs.type)] ?? (Number(sfs.type) === TMPFS_MAGIC && (real === '/dev' || real.startsWith('/dev/')) ? 'devtmpfs' : undefined);
+  if (pseudo) throw new UsageError(`--out ${outRoot}: expected a directory on a real file system, found ${real} on ${pseudo}`);
+  try {
+    await fs.access(real, fsConstants.W_OK);
+  } catch {
+    throw new UsageError(`--out ${outRoot}: expected a writable directory, but ${real} is not writable`);
   }
 }
 

@@ -1,19 +1,28 @@
 // Content-addressed store. Layout under the cache root:
 //   blobs/sha256/ab/<hex>   every output file, named by its sha256, read-only
-//   entries/<key>.json      one record per stage key: files, digests, meta, key parts
+//   entries/<key>.json      one record per stage key: files, digests, meta, key parts,
+//                           sealed by a sha256 over its own content
 //                           (its mtime is the entry's last use, for LRU eviction)
 //   trees/<key>/            hardlink view of an entry's files, handed to downstream stages
 //   history/<spec>/<arch>/<stage>.json   last key parts per stage, for `explain`
-//   verified/<hex>          stat fingerprint of a blob at its last full digest check
-//   tmp/                    staging; same filesystem so commits are renames
+//   verified/<hex>          "<sha> <size> <stat fingerprint>" at the blob's last full check
+//   tmp/                    staging; same filesystem so commits are renames; every
+//                           name carries its owner's pid and process start time
 // An entry appears only when complete: blobs are fsynced and renamed first, the
 // record last. A crash leaves at most unreferenced blobs, which `gc` removes.
+//
+// Nothing read back from the store is trusted on its face: a record must parse,
+// describe the key it is filed under and match its seal; a blob must hash to its
+// name (or carry an unchanged stat fingerprint); a tree must be hardlinks to
+// verified blobs. Anything else is a miss (rebuilt), never a published byte.
 import { randomBytes } from 'node:crypto';
-import { constants as fsc, promises as fs } from 'node:fs';
+import { constants as fsc, readFileSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { canonicalize } from './canonical.js';
-import type { KeyParts } from './compile.js';
+import pLimit from 'p-limit';
+import { canonicalize, sha256 } from './canonical.js';
+import { keyOf, type KeyParts, type Plan } from './compile.js';
+import { safeRemove } from './fsutil.js';
 import { hashFile } from '../lib/digest.js';
 
 export interface FileRecord {
@@ -34,13 +43,120 @@ export interface Entry {
   meta: Record<string, unknown>;
 }
 
-export class CacheCorruptError extends Error {}
+/** A cache file does not hold what it should. `dropped`: record keys removed because of it. */
+export class CacheCorruptError extends Error {
+  constructor(
+    message: string,
+    readonly dropped: string[] = [],
+  ) {
+    super(message);
+    this.name = 'CacheCorruptError';
+  }
+}
+
+/** One bad thing `verifyAll` found. */
+export interface CacheProblem {
+  what: 'record' | 'blob' | 'tree';
+  /** Path relative to the cache root. */
+  path: string;
+  message: string;
+  expected?: string;
+  found?: string;
+  /** Records affected (key, stage). */
+  records?: { key: string; stage: string }[];
+}
 
 export function defaultCacheRoot(env = process.env): string {
   if (env.PIPELINE_CACHE_DIR) return path.resolve(env.PIPELINE_CACHE_DIR);
   const base = env.XDG_CACHE_HOME || path.join(os.homedir(), '.cache');
   return path.join(base, 'pipeline');
 }
+
+const HEX64 = /^[0-9a-f]{64}$/;
+const SEAL = 'recordSha256';
+const RECORD_FIELDS = new Set(['key', 'kind', 'stage', 'parts', 'files', 'meta']);
+const FILE_FIELDS = new Set(['path', 'size', 'sha256', 'fsverity', 'executable']);
+const TREE_MARK = '.complete';
+
+const isObj = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+/** The seal stored in a record: sha256 of the canonical JSON of everything else. */
+export function recordSeal(e: Entry): string {
+  return sha256(canonicalize({ key: e.key, kind: e.kind, stage: e.stage, parts: e.parts, files: e.files, meta: e.meta }));
+}
+
+/** A relative path that stays inside a tree and cannot collide with the tree marker. */
+function safeRelPath(p: unknown): p is string {
+  if (typeof p !== 'string' || !p || p.startsWith('/') || p.includes('\0') || p === TREE_MARK) return false;
+  return p.split('/').every((s) => s !== '' && s !== '.' && s !== '..');
+}
+
+/**
+ * Parse a record filed under `key` (pure). Bad JSON, unknown fields, a key field
+ * or key parts that do not match the file name, malformed files or a broken seal
+ * make it no record at all. Records from before seals (`sealed: false`) are still
+ * read, so an existing cache is not rebuilt; everything else about them is checked.
+ */
+export function parseRecord(key: string, text: string): { entry: Entry; sealed: boolean } | { problem: string; expected?: string; found?: string } {
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch {
+    return { problem: 'not valid JSON' };
+  }
+  if (!isObj(v)) return { problem: 'not a JSON object' };
+  const unknown = Object.keys(v).find((k) => !RECORD_FIELDS.has(k) && k !== SEAL);
+  if (unknown !== undefined) return { problem: `unknown field "${unknown}"` };
+  if (v.key !== key) return { problem: 'its key field does not match its file name', expected: key, found: JSON.stringify(v.key) };
+  if (!isObj(v.parts)) return { problem: 'no key parts' };
+  const partsKey = keyOf(v.parts as unknown as KeyParts);
+  if (partsKey !== key) return { problem: 'its key parts do not hash to its key', expected: key, found: partsKey };
+  if (typeof v.kind !== 'string' || v.kind !== v.parts.kind) return { problem: 'its kind does not match its key parts' };
+  if (typeof v.stage !== 'string') return { problem: 'no stage name' };
+  if (!isObj(v.meta)) return { problem: 'meta is not an object' };
+  if (!Array.isArray(v.files)) return { problem: 'files is not a list' };
+  const seen = new Set<string>();
+  for (const f of v.files as unknown[]) {
+    if (!isObj(f) || Object.keys(f).some((k) => !FILE_FIELDS.has(k))) return { problem: 'a file entry is malformed' };
+    if (!safeRelPath(f.path) || seen.has(f.path)) return { problem: `bad or duplicate file path ${JSON.stringify(f.path)}` };
+    seen.add(f.path);
+    if (!Number.isSafeInteger(f.size) || (f.size as number) < 0) return { problem: `bad size for ${f.path}` };
+    if (typeof f.sha256 !== 'string' || !HEX64.test(f.sha256)) return { problem: `bad sha256 for ${f.path}` };
+    if (typeof f.fsverity !== 'string' || !HEX64.test(f.fsverity)) return { problem: `bad fsverity digest for ${f.path}` };
+    if (typeof f.executable !== 'boolean') return { problem: `bad executable flag for ${f.path}` };
+  }
+  const entry: Entry = { key, kind: v.kind, stage: v.stage, parts: v.parts as unknown as KeyParts, files: v.files as FileRecord[], meta: v.meta };
+  if (!(SEAL in v)) return { entry, sealed: false };
+  const seal = recordSeal(entry);
+  if (v[SEAL] !== seal) return { problem: 'its seal does not match its content', expected: `sha256 ${String(v[SEAL])}`, found: `sha256 ${seal}` };
+  return { entry, sealed: true };
+}
+
+/** History is only used by `explain`; one that does not hash to its key is ignored. */
+function parseHistory(text: string): { key: string; parts: KeyParts } | undefined {
+  try {
+    const v: unknown = JSON.parse(text);
+    if (!isObj(v) || typeof v.key !== 'string' || !isObj(v.parts)) return undefined;
+    const parts = v.parts as unknown as KeyParts;
+    if (keyOf(parts) !== v.key) return undefined;
+    for (const f of ['tools', 'assets', 'inputs'] as const) if (parts[f] !== undefined && !isObj(parts[f])) return undefined;
+    return { key: v.key, parts };
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The memo line for a blob: its sha and recorded size, then its stat fingerprint
+ * (device, inode, size, mtime, ctime in ns). Fixed width, so a cache's size does
+ * not depend on inode numbers.
+ */
+function memoLine(sha: string, size: number | bigint, st: { dev: bigint; ino: bigint; size: bigint; mtimeNs: bigint; ctimeNs: bigint }): string {
+  const n = (v: number | bigint) => String(v).padStart(20, '0');
+  return `${sha} ${n(size)} ${[st.dev, st.ino, st.size, st.mtimeNs, st.ctimeNs].map(n).join(':')}\n`;
+}
+
+type BlobCheck = { ok: true } | { ok: false; missing: boolean; found: string; recordWrong?: boolean };
 
 export class Cache {
   constructor(readonly root: string) {}
@@ -54,34 +170,77 @@ export class Cache {
   private treePath(key: string) {
     return path.join(this.root, 'trees', key);
   }
+  private memoPath(sha: string) {
+    return path.join(this.root, 'verified', sha);
+  }
+  private rel(p: string) {
+    return path.relative(this.root, p);
+  }
 
   async init(): Promise<void> {
     await Promise.all(['blobs/sha256', 'entries', 'trees', 'history', 'verified', 'tmp'].map((d) => fs.mkdir(path.join(this.root, d), { recursive: true })));
   }
 
-  /** The entry for a key, or undefined. A record whose blobs are gone is treated as absent. */
-  async lookup(key: string): Promise<Entry | undefined> {
+  /** The record filed under key: undefined when absent; a record that fails its checks is removed and is a miss. */
+  private async readRecord(key: string): Promise<Entry | undefined> {
     let text: string;
     try {
       text = await fs.readFile(this.entryPath(key), 'utf8');
     } catch {
       return undefined;
     }
-    let entry: Entry;
-    try {
-      entry = JSON.parse(text) as Entry;
-    } catch {
-      await fs.rm(this.entryPath(key), { force: true });
+    const r = parseRecord(key, text);
+    if ('problem' in r) {
+      await this.dropRecord(key);
       return undefined;
     }
-    for (const f of entry.files) {
+    if (!r.sealed) await this.seal(r.entry, this.entryPath(key));
+    return r.entry;
+  }
+
+  /**
+   * Records written before seals are sealed the first time they are read (trust on
+   * first use; otherwise a shared cache would have to be rebuilt), keeping their
+   * mtime, which is their LRU age.
+   */
+  private async seal(entry: Entry, file: string): Promise<void> {
+    try {
+      const st = await fs.stat(file);
+      await fs.mkdir(this.tmpDir(), { recursive: true });
+      await writeAtomic(file, JSON.stringify({ ...entry, [SEAL]: recordSeal(entry) }), this.tmpDir());
+      await fs.utimes(file, st.atime, st.mtime);
+    } catch {
+      /* best effort: an unsealed record is still a valid one */
+    }
+  }
+
+  /** The entry for a key, or undefined. A bad record, or one whose blobs are gone, is absent. */
+  async lookup(key: string): Promise<Entry | undefined> {
+    const e = await this.readRecord(key);
+    if (!e) return undefined;
+    for (const f of e.files) {
       try {
         await fs.access(this.blobPath(f.sha256));
       } catch {
         return undefined;
       }
     }
-    return entry;
+    return e;
+  }
+
+  /**
+   * The records of a whole plan, read once per build (key -> entry). Blobs are not
+   * touched here: `verify` checks the ones a build will really use.
+   */
+  async lookupAll(keys: Iterable<string>): Promise<Map<string, Entry>> {
+    const out = new Map<string, Entry>();
+    await Promise.all(
+      [...new Set(keys)].map(async (k) => {
+        const e = await this.readRecord(k);
+        if (e) out.set(k, e);
+      }),
+    );
+    return out;
   }
 
   /** Mark an entry as used now (LRU). */
@@ -90,69 +249,183 @@ export class Cache {
     await fs.utimes(this.entryPath(key), now, now).catch(() => {});
   }
 
+  /** End of a build: remember every stage's key parts (for explain) and mark the entries used (LRU). */
+  async recordBuild(plan: Pick<Plan, 'spec' | 'arch' | 'stages'>, usedKeys: Iterable<string>): Promise<void> {
+    const used = new Set(usedKeys);
+    await Promise.all(plan.stages.map((st) => this.writeHistory(plan.spec.name, plan.arch, st.name, st.key, st.parts)));
+    await Promise.all([...used].map((k) => this.touch(k)));
+  }
+
   /**
-   * Check every blob of an entry against its recorded digest. A blob whose stat
-   * fingerprint (inode, size, mtime, ctime) is unchanged since its last full check
-   * is not re-read: any write or chmod moves ctime, which cannot be set back.
+   * Check every blob of an entry against its recorded digest. A blob whose memo
+   * holds its sha, size and stat fingerprint (device, inode, size, mtime, ctime,
+   * all in ns) unchanged since its last full check is not re-read: any write or
+   * chmod moves ctime, which cannot be set back, and a tampered memo only differs
+   * from the expected line, which means a re-hash. `full` ignores memos.
+   * On a bad blob, the blob and every record that uses it are dropped (so they are
+   * rebuilt) and CacheCorruptError names the stage, file and both digests.
    */
-  async verify(entry: Entry): Promise<void> {
-    await Promise.all(entry.files.map((f) => this.verifyBlob(f.sha256, f.size, entry.key, f.path)));
-  }
-
-  private async verifyBlob(sha: string, size: number, key: string, name: string): Promise<void> {
-    const blob = this.blobPath(sha);
-    const st = await fs.stat(blob);
-    const stamp = `${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
-    const memo = path.join(this.root, 'verified', sha);
-    if ((await fs.readFile(memo, 'utf8').catch(() => '')) === stamp) return;
-    const h = await hashFile(blob);
-    if (h.sha256 !== sha || h.size !== size) {
-      // Drop the record so the next build rebuilds instead of failing forever.
-      await fs.rm(this.entryPath(key), { force: true });
-      await fs.rm(this.treePath(key), { recursive: true, force: true });
-      await fs.rm(blob, { force: true });
-      throw new CacheCorruptError(`cache blob for ${name} (entry ${key.slice(0, 12)}) is corrupt: expected sha256 ${sha}, found ${h.sha256}; the entry was removed, rebuild to repair`);
+  async verify(entry: Entry, opts: { full?: boolean } = {}): Promise<void> {
+    const limit = pLimit(8);
+    const bySha = new Map<string, FileRecord>();
+    for (const f of entry.files) if (!bySha.has(f.sha256)) bySha.set(f.sha256, f);
+    const bad: { f: FileRecord; c: Extract<BlobCheck, { ok: false }> }[] = [];
+    await Promise.all(
+      [...bySha.values()].map((f) =>
+        limit(async () => {
+          const c = await this.checkBlob(f.sha256, f.size, !!opts.full);
+          if (!c.ok) bad.push({ f, c });
+        }),
+      ),
+    );
+    if (!bad.length) return;
+    const dropped = new Set<string>();
+    const msgs: string[] = [];
+    for (const { f, c } of bad) {
+      const where = `cache ${c.missing ? 'blob missing' : 'blob corrupt'} for stage ${entry.stage} file ${f.path} (${this.rel(this.blobPath(f.sha256))}, entry ${entry.key.slice(0, 12)})`;
+      let keys: string[];
+      if (c.recordWrong) {
+        // The blob is what its name says; the record is what is wrong.
+        await this.dropRecord(entry.key);
+        keys = [entry.key];
+      } else keys = await this.dropBlob(f.sha256);
+      keys.forEach((k) => dropped.add(k));
+      msgs.push(`${where}: expected sha256 ${f.sha256} (${f.size} bytes), found ${c.found}; dropped ${keys.length} record(s) using it, they will be rebuilt`);
     }
-    await writeAtomic(memo, stamp, this.tmpDir());
+    throw new CacheCorruptError(msgs.join('\n'), [...dropped]);
   }
 
-  /** A read-only directory view (hardlinks) of an entry's files. */
+  /** The blob exists and its memo matches its current stat: checked, unchanged since. */
+  private async memoHolds(sha: string, size: number): Promise<boolean> {
+    const st = await fs.lstat(this.blobPath(sha), { bigint: true }).catch(() => undefined);
+    if (!st?.isFile()) return false;
+    return (await fs.readFile(this.memoPath(sha), 'utf8').catch(() => '')) === memoLine(sha, size, st);
+  }
+
+  private async checkBlob(sha: string, size: number, full: boolean): Promise<BlobCheck> {
+    const blob = this.blobPath(sha);
+    let st;
+    try {
+      st = await fs.lstat(blob, { bigint: true });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { ok: false, missing: true, found: 'no file' };
+      throw e;
+    }
+    if (!st.isFile()) return { ok: false, missing: false, found: 'not a regular file' };
+    const line = memoLine(sha, size, st);
+    const memo = this.memoPath(sha);
+    if (!full && (await fs.readFile(memo, 'utf8').catch(() => '')) === line) return { ok: true };
+    const h = await hashFile(blob);
+    if (h.sha256 !== sha) return { ok: false, missing: false, found: `sha256 ${h.sha256} (${h.size} bytes)` };
+    if (h.size !== size) return { ok: false, missing: false, found: `${h.size} bytes with the right digest`, recordWrong: true };
+    // A memo is a hint (a lost or torn one only costs a re-hash), so no fsync.
+    await writeAtomic(memo, line, this.tmpDir(), { durable: false }).catch(() => {});
+    return { ok: true };
+  }
+
+  /** Remove a record and its tree; the next build rebuilds it. */
+  async dropRecord(key: string): Promise<void> {
+    await fs.rm(this.entryPath(key), { force: true });
+    await safeRemove(this.treePath(key));
+  }
+
+  /**
+   * Remove a blob and every record that refers to it (records share blobs: the
+   * initramfs and ipxe entries hold the same initrd), so no record is left
+   * pointing at nothing. Returns the dropped keys.
+   */
+  async dropBlob(sha: string): Promise<string[]> {
+    const dropped: string[] = [];
+    const dir = path.join(this.root, 'entries');
+    for (const n of await fs.readdir(dir).catch(() => [] as string[])) {
+      if (!n.endsWith('.json')) continue;
+      const key = n.slice(0, -5);
+      const v = await fs
+        .readFile(path.join(dir, n), 'utf8')
+        .then((t) => JSON.parse(t) as unknown)
+        .catch(() => undefined);
+      const files = isObj(v) && Array.isArray(v.files) ? (v.files as unknown[]) : [];
+      if (files.some((f) => isObj(f) && f.sha256 === sha)) {
+        await this.dropRecord(key);
+        dropped.push(key);
+      }
+    }
+    await fs.rm(this.blobPath(sha), { force: true });
+    await fs.rm(this.memoPath(sha), { force: true });
+    return dropped;
+  }
+
+  /**
+   * A read-only directory view (hardlinks) of an entry's files. An existing tree
+   * is reused only when it holds exactly the entry's files, each the blob itself;
+   * the blobs are verified before the tree is handed out. Linking and unlinking
+   * move a blob's ctime, so a re-made tree is checked after its last link.
+   */
   async materialize(entry: Entry): Promise<string> {
     const dir = this.treePath(entry.key);
-    try {
-      await fs.access(path.join(dir, '.complete'));
+    if ((await this.treeProblem(entry, dir)) === undefined) {
+      await this.verify(entry);
       return dir;
-    } catch {
-      /* build it */
     }
+    await safeRemove(dir);
     const tmp = await this.staging('tree');
-    for (const f of entry.files) {
-      const dst = path.join(tmp, f.path);
-      await fs.mkdir(path.dirname(dst), { recursive: true });
-      await fs.link(this.blobPath(f.sha256), dst).catch(async (e: NodeJS.ErrnoException) => {
-        if (e.code !== 'EXDEV' && e.code !== 'EMLINK') throw e;
-        await fs.copyFile(this.blobPath(f.sha256), dst, fsc.COPYFILE_FICLONE);
-      });
-    }
-    await fs.writeFile(path.join(tmp, '.complete'), '');
-    await fs.rm(dir, { recursive: true, force: true });
     try {
-      await fs.rename(tmp, dir);
-    } catch (e) {
-      // Another process materialised it first: theirs is as good as ours.
-      await fs.rm(tmp, { recursive: true, force: true });
-      if ((e as NodeJS.ErrnoException).code !== 'ENOTEMPTY' && (e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      for (const f of entry.files) {
+        const dst = path.join(tmp, f.path);
+        await fs.mkdir(path.dirname(dst), { recursive: true });
+        await fs.link(this.blobPath(f.sha256), dst).catch(async (e: NodeJS.ErrnoException) => {
+          if (e.code === 'ENOENT') await this.verify(entry); // a missing blob: CacheCorruptError, not a bare ENOENT
+          if (e.code !== 'EXDEV' && e.code !== 'EMLINK') throw e;
+          await fs.copyFile(this.blobPath(f.sha256), dst, fsc.COPYFILE_FICLONE);
+        });
+      }
+      await fs.writeFile(path.join(tmp, TREE_MARK), '');
+      await fs.rename(tmp, dir).catch((e: NodeJS.ErrnoException) => {
+        // Another process materialised it first: theirs is as good as ours.
+        if (e.code !== 'ENOTEMPTY' && e.code !== 'EEXIST') throw e;
+      });
+    } finally {
+      await safeRemove(tmp);
     }
+    await this.verify(entry);
     return dir;
+  }
+
+  /** Why a tree is not a faithful view of the entry's (verified) blobs, or undefined. */
+  private async treeProblem(entry: Entry, dir: string): Promise<{ file: string; found: string; expected: string } | { file: string; found: string; expected?: undefined } | undefined> {
+    try {
+      await fs.access(path.join(dir, TREE_MARK));
+    } catch {
+      return { file: TREE_MARK, found: 'no completion marker' };
+    }
+    let present: string[];
+    try {
+      present = await walkAll(dir);
+    } catch {
+      return { file: '.', found: 'unreadable' };
+    }
+    const want = new Set(entry.files.map((f) => f.path));
+    const extra = present.find((p) => p !== TREE_MARK && !want.has(p));
+    if (extra) return { file: extra, found: 'a file the entry does not have' };
+    for (const f of entry.files) {
+      const p = path.join(dir, f.path);
+      const [t, b] = await Promise.all([fs.lstat(p).catch(() => undefined), fs.stat(this.blobPath(f.sha256)).catch(() => undefined)]);
+      if (!t || !t.isFile()) return { file: f.path, found: t ? 'not a regular file' : 'missing', expected: f.sha256 };
+      if (b && t.dev === b.dev && t.ino === b.ino) continue;
+      // A copy (EXDEV/EMLINK fallback) must hash to the record.
+      const h = await hashFile(p);
+      if (h.sha256 !== f.sha256) return { file: f.path, found: h.sha256, expected: f.sha256 };
+    }
+    return undefined;
   }
 
   private tmpDir() {
     return path.join(this.root, 'tmp');
   }
 
-  /** A fresh directory under tmp/ (same filesystem as the blobs). Name carries our pid for gc. */
+  /** A fresh directory under tmp/ (same filesystem as the blobs), named for its owner (pid, start time). */
   async staging(label: string): Promise<string> {
-    const dir = path.join(this.tmpDir(), `${label}-${process.pid}-${randomBytes(6).toString('hex')}`);
+    const dir = path.join(this.tmpDir(), ownedName(`${label}-`));
     await fs.mkdir(dir, { recursive: true });
     return dir;
   }
@@ -161,7 +434,7 @@ export class Cache {
    * Move a finished stage's outDir into the store and write its record. outDir must
    * be a staging dir from this cache. Only regular files are allowed.
    */
-  async commit(key: string, stage: string, parts: KeyParts, outDir: string, meta: Record<string, unknown>): Promise<Entry> {
+  async commit(key: string, stage: string, parts: KeyParts, outDir: string, meta: Record<string, unknown>, opts: { expect?: FileRecord[] } = {}): Promise<Entry> {
     const rels = await listFiles(outDir, stage);
     const files: FileRecord[] = [];
     for (const rel of rels) {
@@ -169,28 +442,36 @@ export class Cache {
       const st = await fs.stat(abs);
       const h = await hashFile(abs, { fsverity: true });
       files.push({ path: rel, size: h.size, sha256: h.sha256, fsverity: h.fsverity!, executable: (st.mode & 0o111) !== 0 });
-      const blob = this.blobPath(h.sha256);
-      try {
-        await fs.access(blob);
+      // An existing blob of the same name is kept only when its memo says it was
+      // checked and has not changed since (trees linked to it stay valid); else the
+      // fresh bytes are renamed over it: it may be a corrupt copy nobody checked.
+      if (await this.memoHolds(h.sha256, h.size)) {
         await fs.rm(abs);
-      } catch {
-        await fsyncFile(abs);
-        await fs.chmod(abs, 0o444);
-        await fs.mkdir(path.dirname(blob), { recursive: true });
-        await fs.rename(abs, blob);
+        continue;
       }
+      await fsyncFile(abs);
+      await fs.chmod(abs, 0o444);
+      const blob = this.blobPath(h.sha256);
+      await fs.mkdir(path.dirname(blob), { recursive: true });
+      await fs.rename(abs, blob);
+      // Just hashed: remember it, so the next build does not read it again.
+      await writeAtomic(this.memoPath(h.sha256), memoLine(h.sha256, h.size, await fs.stat(blob, { bigint: true })), this.tmpDir(), { durable: false });
+    }
+    // An entry imported from elsewhere (the remote cache) must be exactly what its
+    // record said, fs-verity digests and modes included; else no record is written
+    // (the blobs just moved are named by their own hashes: gc drops them).
+    if (opts.expect && canonicalize(opts.expect) !== canonicalize(files)) {
+      const bad = files.find((f, i) => canonicalize(f) !== canonicalize(opts.expect![i])) ?? files[0];
+      throw new CacheCorruptError(`imported entry ${key.slice(0, 12)} (stage ${stage}) does not match its record${bad ? ` at ${bad.path}` : ''}`);
     }
     const entry: Entry = { key, kind: parts.kind, stage, parts, files, meta };
-    await writeAtomic(this.entryPath(key), JSON.stringify(entry), this.tmpDir());
+    await writeAtomic(this.entryPath(key), JSON.stringify({ ...entry, [SEAL]: recordSeal(entry) }), this.tmpDir());
     return entry;
   }
 
   async readHistory(spec: string, arch: string, stage: string): Promise<{ key: string; parts: KeyParts } | undefined> {
-    try {
-      return JSON.parse(await fs.readFile(path.join(this.root, 'history', spec, arch, `${stage}.json`), 'utf8'));
-    } catch {
-      return undefined;
-    }
+    const text = await fs.readFile(path.join(this.root, 'history', spec, arch, `${stage}.json`), 'utf8').catch(() => undefined);
+    return text === undefined ? undefined : parseHistory(text);
   }
 
   async writeHistory(spec: string, arch: string, stage: string, key: string, parts: KeyParts): Promise<void> {
@@ -199,7 +480,7 @@ export class Cache {
     await writeAtomic(file, canonicalize({ key, parts }), this.tmpDir());
   }
 
-  /** All entries with their size (sum of their files) and last use. */
+  /** All valid entries with their size (sum of their files) and last use. */
   async list(): Promise<{ entry: Entry; size: number; lastUsed: Date }[]> {
     const dir = path.join(this.root, 'entries');
     const names = (await fs.readdir(dir).catch(() => [] as string[])).filter((n) => n.endsWith('.json'));
@@ -208,8 +489,9 @@ export class Cache {
       try {
         const p = path.join(dir, n);
         const [text, st] = await Promise.all([fs.readFile(p, 'utf8'), fs.stat(p)]);
-        const entry = JSON.parse(text) as Entry;
-        out.push({ entry, size: entry.files.reduce((s, f) => s + f.size, 0), lastUsed: st.mtime });
+        const r = parseRecord(n.slice(0, -5), text);
+        if ('problem' in r) continue;
+        out.push({ entry: r.entry, size: r.entry.files.reduce((s, f) => s + f.size, 0), lastUsed: st.mtime });
       } catch {
         /* a record being replaced; skip */
       }
@@ -220,7 +502,7 @@ export class Cache {
   /** Bytes held by blobs (each counted once, however many entries share it). */
   async du(): Promise<{ blobs: number; bytes: number; entries: number }> {
     const blobs = await this.blobSizes();
-    const entries = (await fs.readdir(path.join(this.root, 'entries')).catch(() => [] as string[])).length;
+    const entries = (await fs.readdir(path.join(this.root, 'entries')).catch(() => [] as string[])).filter((n) => n.endsWith('.json')).length;
     return { blobs: blobs.size, bytes: [...blobs.values()].reduce((a, b) => a + b, 0), entries };
   }
 
@@ -254,8 +536,7 @@ export class Cache {
     const evicted: string[] = [];
     for (const { entry } of entries) {
       if (bytes <= maxBytes) break;
-      await fs.rm(this.entryPath(entry.key), { force: true });
-      await fs.rm(this.treePath(entry.key), { recursive: true, force: true });
+      await this.dropRecord(entry.key);
       evicted.push(entry.key);
       for (const sha of new Set(entry.files.map((x) => x.sha256))) {
         const n = (refs.get(sha) ?? 1) - 1;
@@ -269,31 +550,203 @@ export class Cache {
     for (const sha of blobs.keys()) {
       if (!refs.has(sha)) {
         await fs.rm(this.blobPath(sha), { force: true });
-        await fs.rm(path.join(this.root, 'verified', sha), { force: true });
+        await fs.rm(this.memoPath(sha), { force: true });
       }
     }
     const live = new Set((await this.list()).map((e) => e.entry.key));
     for (const t of await fs.readdir(path.join(this.root, 'trees')).catch(() => [] as string[])) {
-      if (!live.has(t)) await fs.rm(this.treePath(t), { recursive: true, force: true });
+      if (!live.has(t)) await safeRemove(this.treePath(t));
     }
     const after = await this.du();
     return { evicted, freed: before - after.bytes, bytes: after.bytes };
   }
 
-  /** Remove staging dirs whose owning process is gone (interrupted builds). */
-  async cleanStaging(): Promise<void> {
+  /**
+   * Remove tmp/ files and dirs whose owner is gone (a killed build's staging and
+   * scratch dirs, half-written records). The owner is the pid and the process
+   * start time in the name, so a reused pid is not mistaken for the owner, and
+   * a live concurrent build keeps its dirs.
+   */
+  async cleanStaging(): Promise<string[]> {
+    const removed: string[] = [];
     for (const n of await fs.readdir(this.tmpDir()).catch(() => [] as string[])) {
-      const pid = Number(/-(\d+)-[0-9a-f]+$/.exec(n)?.[1]);
-      if (pid && pid !== process.pid && isAlive(pid)) continue;
-      if (pid === process.pid) continue;
-      await fs.rm(path.join(this.tmpDir(), n), { recursive: true, force: true });
+      const owner = tmpOwner(n);
+      if (owner && ownerAlive(owner)) continue;
+      await safeRemove(path.join(this.tmpDir(), n));
+      removed.push(n);
     }
+    return removed;
+  }
+
+  /**
+   * Re-hash everything (memos ignored: they can be tampered too) and list what is
+   * bad: records that fail their checks, blobs whose content is not their name,
+   * records whose blobs are missing, trees that are not their entry's blobs.
+   * With repair, drop all of it so the next build rebuilds; good blobs get a fresh memo.
+   */
+  async verifyAll(opts: { repair?: boolean } = {}): Promise<{ problems: CacheProblem[]; records: number; blobs: number; unsealed: number }> {
+    await this.init();
+    const problems: CacheProblem[] = [];
+    const good = new Map<string, Entry>();
+    let unsealed = 0;
+    const edir = path.join(this.root, 'entries');
+    const recordFiles = (await fs.readdir(edir).catch(() => [] as string[])).sort();
+    for (const n of recordFiles) {
+      const p = path.join(edir, n);
+      if (!n.endsWith('.json')) {
+        problems.push({ what: 'record', path: this.rel(p), message: 'not a record file name' });
+        if (opts.repair) await fs.rm(p, { recursive: true, force: true });
+        continue;
+      }
+      const key = n.slice(0, -5);
+      const r = parseRecord(key, await fs.readFile(p, 'utf8').catch(() => ''));
+      if ('problem' in r) {
+        problems.push({ what: 'record', path: this.rel(p), message: r.problem, expected: r.expected, found: r.found });
+        if (opts.repair) await this.dropRecord(key);
+        continue;
+      }
+      if (!r.sealed) {
+        unsealed++;
+        if (opts.repair) await this.seal(r.entry, p);
+      }
+      good.set(key, r.entry);
+    }
+    const users = new Map<string, Entry[]>();
+    for (const e of good.values()) for (const sha of new Set(e.files.map((f) => f.sha256))) users.set(sha, [...(users.get(sha) ?? []), e]);
+    const recs = (es: Entry[] | undefined) => (es ?? []).map((e) => ({ key: e.key, stage: e.stage }));
+    // Records that go because of a bad blob; their trees go with them.
+    const dropped = new Set<string>();
+    const dropEntries = async (es: Entry[] | undefined) => {
+      for (const e of es ?? []) {
+        dropped.add(e.key);
+        if (good.delete(e.key) && opts.repair) await this.dropRecord(e.key);
+      }
+    };
+    let blobCount = 0;
+
+    // Every blob on disk, hashed once however many records share it.
+    const base = path.join(this.root, 'blobs', 'sha256');
+    const present = new Set<string>();
+    const limit = pLimit(4);
+    const jobs: Promise<void>[] = [];
+    for (const d of (await fs.readdir(base).catch(() => [] as string[])).sort()) {
+      for (const name of (await fs.readdir(path.join(base, d)).catch(() => [] as string[])).sort()) {
+        blobCount++;
+        jobs.push(
+          limit(async () => {
+            const p = path.join(base, d, name);
+            const st = await fs.lstat(p, { bigint: true }).catch(() => undefined);
+            const h = st?.isFile() ? await hashFile(p).catch(() => undefined) : undefined;
+            if (h && h.sha256 === name && d === name.slice(0, 2)) {
+              present.add(name);
+              if (opts.repair) {
+                await writeAtomic(this.memoPath(name), memoLine(name, h.size, st!), this.tmpDir(), { durable: false });
+              }
+              return;
+            }
+            const found = h ? `sha256 ${h.sha256}` : st?.isFile() ? 'unreadable' : 'not a regular file';
+            problems.push({ what: 'blob', path: this.rel(p), message: 'content does not match its name', expected: `sha256 ${name}`, found, records: recs(users.get(name)) });
+            if (opts.repair) {
+              await fs.rm(p, { recursive: true, force: true });
+              await fs.rm(this.memoPath(name), { force: true });
+            }
+          }),
+        );
+      }
+    }
+    await Promise.all(jobs);
+    for (const pr of problems) if (pr.what === 'blob') await dropEntries(users.get(path.basename(pr.path)));
+
+    // Records whose blobs are missing (or were just found bad), or whose sizes are wrong.
+    for (const e of [...good.values()]) {
+      for (const f of e.files) {
+        if (present.has(f.sha256)) {
+          const st = await fs.stat(this.blobPath(f.sha256));
+          if (st.size === f.size) continue;
+          problems.push({ what: 'record', path: this.rel(this.entryPath(e.key)), message: `file ${f.path} has the wrong size`, expected: `${f.size} bytes`, found: `${st.size} bytes`, records: recs([e]) });
+        } else if (!problems.some((p) => p.what === 'blob' && path.basename(p.path) === f.sha256)) {
+          problems.push({ what: 'blob', path: this.rel(this.blobPath(f.sha256)), message: `missing (stage ${e.stage} file ${f.path})`, expected: `sha256 ${f.sha256}`, found: 'no file', records: recs(users.get(f.sha256)) });
+        }
+        await dropEntries([e]);
+        break;
+      }
+    }
+
+    // Trees: only complete trees of good entries whose files are the blobs themselves.
+    for (const t of (await fs.readdir(path.join(this.root, 'trees')).catch(() => [] as string[])).sort()) {
+      const dir = this.treePath(t);
+      if (dropped.has(t)) continue;
+      const e = good.get(t);
+      const bad = e ? await this.treeProblem(e, dir) : { file: '.', found: 'a tree without a valid record' };
+      if (!bad) continue;
+      if (bad.file === TREE_MARK && e) {
+        // An unfinished tree is never used (materialize re-makes it); just tidy it.
+        if (opts.repair) await safeRemove(dir);
+        continue;
+      }
+      const file = this.rel(path.join(dir, bad.file));
+      if (bad.expected) problems.push({ what: 'tree', path: file, message: 'not its blob', expected: `sha256 ${bad.expected}`, found: HEX64.test(bad.found) ? `sha256 ${bad.found}` : bad.found, records: recs([e!]) });
+      else problems.push({ what: 'tree', path: file, message: bad.found, records: e ? recs([e]) : [] });
+      if (opts.repair) await safeRemove(dir);
+    }
+    return { problems, records: recordFiles.length, blobs: blobCount, unsealed };
   }
 }
 
-function isAlive(pid: number): boolean {
+/** Every path under dir (files and other non-directories), relative, unsorted. */
+async function walkAll(dir: string, rel = ''): Promise<string[]> {
+  const out: string[] = [];
+  for (const e of await fs.readdir(path.join(dir, rel), { withFileTypes: true })) {
+    const r = rel ? `${rel}/${e.name}` : e.name;
+    if (e.isDirectory()) out.push(...(await walkAll(dir, r)));
+    else out.push(r);
+  }
+  return out;
+}
+
+interface Owner {
+  pid: number;
+  /** Process start time in clock ticks since boot (/proc/<pid>/stat field 22); undefined for old names. */
+  start?: string;
+}
+
+/** Start time of a process, or undefined when it does not exist (or /proc is unavailable). */
+export function processStartTime(pid: number | 'self'): string | undefined {
   try {
-    process.kill(pid, 0);
+    const s = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // The command name (field 2) may hold spaces and parens; fields after it are plain.
+    return s.slice(s.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
+  }
+}
+
+const OWNER: Required<Owner> = { pid: process.pid, start: processStartTime('self') ?? '0' };
+
+/** The owner encoded in a tmp/ name: staging `label-pid-start-hex`, writeAtomic `.name.pid.start.hex.tmp`, or older forms with the pid only. */
+export function tmpOwner(name: string): Owner | undefined {
+  const m = /-(\d+)-(\d+)-[0-9a-f]{12}$/.exec(name) ?? /\.(\d+)\.(\d+)\.[0-9a-f]+\.tmp$/.exec(name);
+  if (m) return { pid: Number(m[1]), start: m[2] };
+  const old = /-(\d+)-[0-9a-f]+$/.exec(name) ?? /\.(\d+)\.[0-9a-f]+\.tmp$/.exec(name);
+  return old ? { pid: Number(old[1]) } : undefined;
+}
+
+/** prefix + this process's owner tag + a random part, as tmpOwner reads it back. */
+export function ownedName(prefix: string): string {
+  return `${prefix}${OWNER.pid}-${OWNER.start}-${randomBytes(6).toString('hex')}`;
+}
+
+/** A name made by ownedName (or an older pid-only form) whose owner is gone. */
+export function ownerGone(name: string): boolean {
+  const o = tmpOwner(name.replace(/\.old$/, ''));
+  return o !== undefined && !ownerAlive(o);
+}
+
+function ownerAlive(o: Owner): boolean {
+  if (o.pid === OWNER.pid && (o.start === undefined || o.start === OWNER.start)) return true;
+  if (o.start !== undefined && o.start !== '0') return processStartTime(o.pid) === o.start;
+  try {
+    process.kill(o.pid, 0);
     return true;
   } catch (e) {
     return (e as NodeJS.ErrnoException).code === 'EPERM';
@@ -325,13 +778,18 @@ async function fsyncFile(p: string): Promise<void> {
   }
 }
 
-/** Write a small file so readers see the old or the new content, never a torn one. */
-export async function writeAtomic(file: string, data: string | Buffer, tmpDir = path.dirname(file)): Promise<void> {
-  const tmp = path.join(tmpDir, `.${path.basename(file)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
+/**
+ * Write a small file so readers see the old or the new content, never a torn one.
+ * durable: fsync before the rename (off only for hints such as stat memos). The
+ * temp name carries the owner (pid, start time) so a killed writer's leftovers
+ * in the cache's tmp/ are cleaned.
+ */
+export async function writeAtomic(file: string, data: string | Buffer, tmpDir = path.dirname(file), opts: { durable?: boolean } = {}): Promise<void> {
+  const tmp = path.join(tmpDir, `.${path.basename(file)}.${OWNER.pid}.${OWNER.start}.${randomBytes(4).toString('hex')}.tmp`);
   const fh = await fs.open(tmp, 'w', 0o644);
   try {
     await fh.writeFile(data);
-    await fh.sync();
+    if (opts.durable !== false) await fh.sync();
   } finally {
     await fh.close();
   }

@@ -98,6 +98,22 @@ function target(loaded: LoadedSpec, arch: string, variants: string[], kinds: Kin
   return { order, sinks, params };
 }
 
+// requirements() and compile() both ask each stage for its tools and assets; a
+// kind's assets() may list directories (dracut), so ask once per resolved params
+// object (resolveParams returns the same object for the same stage and arch).
+const hooksCache = new WeakMap<object, Map<string, { tools: ToolSpec[]; assets: string[] }>>();
+
+function stageHooks(mod: StageModule, params: unknown, arch: Arch): { tools: ToolSpec[]; assets: string[] } {
+  const compute = () => ({ tools: mod.tools(params as never, arch), assets: mod.assets?.(params as never, arch) ?? [] });
+  if (params === null || typeof params !== 'object') return compute();
+  let byArch = hooksCache.get(params);
+  if (!byArch) hooksCache.set(params, (byArch = new Map()));
+  const k = `${mod.kind}\0${arch}`;
+  let hit = byArch.get(k);
+  if (!hit) byArch.set(k, (hit = compute()));
+  return hit;
+}
+
 /** Stages reachable from the sinks, inputs first; deterministic for a given spec. */
 export function closure(spec: Spec, sinks: string[]): string[] {
   const out: string[] = [];
@@ -121,9 +137,9 @@ export function requirements(loaded: LoadedSpec, arch: string, variants: string[
   const assetOwners: Record<string, string> = {};
   for (const name of t.order) {
     const mod = kinds.get(loaded.spec.stages[name]!.kind)!;
-    const params = t.params.get(name);
-    for (const tool of mod.tools(params as never, arch as Arch)) tools.set(tool.name, tool);
-    for (const a of mod.assets?.(params as never, arch as Arch) ?? []) {
+    const hooks = stageHooks(mod, t.params.get(name), arch as Arch);
+    for (const tool of hooks.tools) tools.set(tool.name, tool);
+    for (const a of hooks.assets) {
       assets.add(a);
       assetOwners[a] ??= name;
     }
@@ -138,7 +154,8 @@ export function compile(loaded: LoadedSpec, arch: string, variants: string[], ki
     const st = loaded.spec.stages[name]!;
     const mod = kinds.get(st.kind)!;
     const params = t.params.get(name);
-    const tools = mod.tools(params as never, arch as Arch);
+    const hooks = stageHooks(mod, params, arch as Arch);
+    const tools = hooks.tools;
     const toolVersions: Record<string, string> = {};
     for (const tool of tools) {
       const v = facts.toolVersions[tool.name];
@@ -146,7 +163,7 @@ export function compile(loaded: LoadedSpec, arch: string, variants: string[], ki
       toolVersions[tool.name] = v;
     }
     const assets: Record<string, string> = {};
-    for (const a of mod.assets?.(params as never, arch as Arch) ?? []) {
+    for (const a of hooks.assets) {
       const d = facts.assetDigests[a];
       if (d === undefined) throw new Error(`internal: no digest for asset ${a} (stage ${name})`);
       assets[a] = d;

@@ -1,10 +1,7 @@
 // SOURCE_DATE_EPOCH resolution. Every timestamp in an artifact derives from it.
-import { execFile } from 'node:child_process';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { UsageError } from './errors.js';
-
-const run = promisify(execFile);
+import { runProcess } from './process.js';
 
 export type EpochSource = 'env' | 'spec' | 'git' | 'default';
 
@@ -26,7 +23,7 @@ export async function resolveEpoch(specFile: string, specValue: number | undefin
 
 export async function gitCommitTime(file: string): Promise<number | undefined> {
   try {
-    const { stdout } = await run('git', ['log', '-1', '--format=%ct', '--', path.basename(file)], { cwd: path.dirname(path.resolve(file)) });
+    const { stdout } = await runProcess('git', ['log', '-1', '--format=%ct', '--', path.basename(file)], { cwd: path.dirname(path.resolve(file)), capture: true });
     const t = stdout.trim();
     return /^\d+$/.test(t) ? Number(t) : undefined;
   } catch {

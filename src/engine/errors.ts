@@ -17,11 +17,17 @@ export interface SpecIssue {
   message: string;
 }
 
+/** Issues printed in full; the rest are counted. */
+const MAX_SHOWN = 50;
+
 /** One or more problems in a spec file. Nothing has been written when this is thrown. */
 export class SpecError extends Error {
   readonly exitCode = 2;
   constructor(readonly issues: SpecIssue[]) {
-    super(issues.map(formatIssue).join('\n'));
+    // A mangled file can yield thousands of issues; the first ones are what helps.
+    const shown = issues.slice(0, MAX_SHOWN).map(formatIssue);
+    if (issues.length > MAX_SHOWN) shown.push(`… and ${issues.length - MAX_SHOWN} more`);
+    super(shown.join('\n'));
     this.name = 'SpecError';
   }
 }
@@ -47,11 +53,23 @@ export class BuildError extends Error {
   }
 }
 
+/** Code frames show at most this many characters of a long line, around the column. */
+const FRAME_WIDTH = 120;
+
 export function formatIssue(i: SpecIssue): string {
   const head = `${i.loc.file}:${i.loc.line}:${i.loc.col}: error: ${i.path ? i.path + ': ' : ''}${i.message}`;
   if (i.loc.lineText === undefined) return head;
   const num = String(i.loc.line);
   const pad = ' '.repeat(num.length);
-  const caret = ' '.repeat(Math.max(0, i.loc.col - 1)) + '^'.repeat(Math.max(1, i.loc.length ?? 1));
-  return `${head}\n  ${num} | ${i.loc.lineText}\n  ${pad} | ${caret}`;
+  let text = i.loc.lineText;
+  let col = i.loc.col;
+  let len = Math.max(1, i.loc.length ?? 1);
+  if (text.length > FRAME_WIDTH) {
+    const start = Math.max(0, Math.min(col - 1 - FRAME_WIDTH / 4, text.length - FRAME_WIDTH));
+    text = (start > 0 ? '…' : '') + text.slice(start, start + FRAME_WIDTH) + (start + FRAME_WIDTH < text.length ? '…' : '');
+    col = col - start + (start > 0 ? 1 : 0);
+    len = Math.min(len, FRAME_WIDTH - (col - 1));
+  }
+  const caret = ' '.repeat(Math.max(0, col - 1)) + '^'.repeat(Math.max(1, len));
+  return `${head}\n  ${num} | ${text}\n  ${pad} | ${caret}`;
 }

@@ -1,11 +1,8 @@
 // Filesystem helpers that must be careful: removing scratch trees that a chroot
 // stage may have mounted things into, and publishing directories atomically.
-import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { promisify } from 'node:util';
-
-const run = promisify(execFile);
+import { runProcess } from './process.js';
 
 /** Mount points at or below dir, deepest first. */
 export async function mountsUnder(dir: string): Promise<string[]> {
@@ -29,7 +26,7 @@ export async function mountsUnder(dir: string): Promise<string[]> {
  */
 export async function safeRemove(dir: string): Promise<void> {
   let mounts = await mountsUnder(dir);
-  for (const m of mounts) await run('umount', ['-l', m]).catch(() => {});
+  for (const m of mounts) await runProcess('umount', ['-l', m], { capture: true }).catch(() => {});
   mounts = await mountsUnder(dir);
   if (mounts.length) throw new Error(`refusing to delete ${dir}: still mounted: ${mounts.join(', ')}`);
   await fs.rm(dir, { recursive: true, force: true, maxRetries: 3 });

@@ -2,11 +2,14 @@
 // with SHA256SUMS, build-manifest.json and the provenance statement. The new
 // directory is assembled beside the old one and swapped in by rename, so readers
 // never see a half-written set.
-import { constants as fsc, promises as fs } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { createReadStream, createWriteStream, promises as fs } from 'node:fs';
 import path from 'node:path';
+import { pipeline } from 'node:stream/promises';
 import { stableJson } from './canonical.js';
-import type { Entry } from './cache.js';
+import { ownedName, ownerGone, type Entry } from './cache.js';
 import type { Plan } from './compile.js';
+import { BuildError } from './errors.js';
 import { hashFile } from '../lib/digest.js';
 import { safeRemove, within } from './fsutil.js';
 import { PACKAGE_ROOT } from './kinds.js';
@@ -101,6 +104,26 @@ export interface PublishOptions {
   builderVersion: string;
   /** Signs the staged dir (writes the bundle) before it is swapped in. */
   sign?: (dir: string) => Promise<void>;
+  /** Called with a blob that did not hash to its record while copying (drop it so the next build rebuilds). */
+  onCorrupt?: (sha: string) => Promise<unknown>;
+}
+
+/** Copy src to dst and return what was copied (sha256 and size), hashing the bytes as they go by. */
+export async function copyHashed(src: string, dst: string): Promise<{ sha256: string; size: number }> {
+  const h = createHash('sha256');
+  let size = 0;
+  await pipeline(
+    createReadStream(src),
+    async function* (chunks: AsyncIterable<Buffer>) {
+      for await (const c of chunks) {
+        h.update(c);
+        size += c.length;
+        yield c;
+      }
+    },
+    createWriteStream(dst, { mode: 0o600 }),
+  );
+  return { sha256: h.digest('hex'), size };
 }
 
 export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, opts: PublishOptions): Promise<Published> {
@@ -108,7 +131,10 @@ export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<
   const parent = within(opts.outRoot, variant);
   const dest = within(parent, plan.arch);
   await fs.mkdir(parent, { recursive: true });
-  const tmp = await fs.mkdtemp(path.join(parent, `.${plan.arch}.tmp-`));
+  // A killed publish leaves its staging beside dest; its owner (pid, start time) is in the name.
+  for (const n of await fs.readdir(parent)) if (n.startsWith(`.${plan.arch}.tmp-`) && ownerGone(n)) await safeRemove(path.join(parent, n));
+  const tmp = path.join(parent, ownedName(`.${plan.arch}.tmp-`));
+  await fs.mkdir(tmp);
   const mtime = new Date(plan.sourceDateEpoch * 1000);
   try {
     const execs = new Set<string>();
@@ -116,7 +142,18 @@ export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<
     for (const o of manifest.outputs) {
       const dst = within(tmp, o.path);
       await fs.mkdir(path.dirname(dst), { recursive: true });
-      await fs.copyFile(opts.blobPath(o.sha256), dst, fsc.COPYFILE_FICLONE);
+      // Hash while copying: what lands in images/ is exactly what was hashed, and
+      // it must be what the record says, whatever happened to the cache meanwhile.
+      const got = await copyHashed(opts.blobPath(o.sha256), dst).catch((e: NodeJS.ErrnoException) => {
+        if (e.code === 'ENOENT') return { sha256: 'no file (the blob is missing)', size: 0 };
+        throw e;
+      });
+      if (got.sha256 !== o.sha256 || got.size !== o.size) {
+        await opts.onCorrupt?.(o.sha256);
+        throw new BuildError(
+          `publish: stage ${o.stage} file ${o.path}: cache blob ${o.sha256.slice(0, 12)} is corrupt: expected sha256 ${o.sha256} (${o.size} bytes), found ${got.sha256.length === 64 ? `sha256 ${got.sha256}` : got.sha256} (${got.size} bytes); nothing was published and the entry was dropped, run the build again to rebuild it`,
+        );
+      }
       await fs.chmod(dst, execs.has(o.path) ? 0o755 : 0o644);
     }
     await fs.writeFile(path.join(tmp, SUMS_NAME), sumsFile(manifest.outputs));

@@ -9,18 +9,21 @@ import pLimit from 'p-limit';
 import { Cache, CacheCorruptError, type Entry } from './cache.js';
 import type { Plan, PlanStage } from './compile.js';
 import { BuildError } from './errors.js';
-import { runProcess } from './process.js';
+import { runProcess, stageEnv } from './process.js';
 import { safeRemove } from './fsutil.js';
-import { StageError, type ExecOptions, type RunContext, type StageInput } from '../stage.js';
+import { makeRunContext } from './context.js';
+import type { RemoteStore } from './remote.js';
+import { StageError, type ExecOptions, type StageInput } from '../stage.js';
 
-export type StageStatus = 'cached' | 'built' | 'failed' | 'cancelled' | 'unused';
+/** pulled: a local miss filled from the remote cache (verified), not executed. */
+export type StageStatus = 'cached' | 'pulled' | 'built' | 'failed' | 'cancelled' | 'unused';
 
 export interface StageResult {
   name: string;
   kind: string;
   key: string;
   status: StageStatus;
-  /** Wall seconds spent running the stage (0 when cached). */
+  /** Wall seconds spent running the stage, or pulling it (0 when cached). */
   seconds: number;
   /** Offsets from the start of the run, for overlap analysis. */
   startedAt?: number;
@@ -42,6 +45,10 @@ export interface RunOptions {
   signal?: AbortSignal;
   reporter?: Reporter;
   logDir: string;
+  /** The plan's records from cache.lookupAll (read once per build); looked up here when absent. */
+  lookups?: ReadonlyMap<string, Entry>;
+  /** A shared cache asked on local misses and handed every built stage. */
+  remote?: RemoteStore;
 }
 
 export interface RunOutcome {
@@ -72,12 +79,11 @@ export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome>
   opts.signal?.addEventListener('abort', onOuterAbort, { once: true });
 
   const entries = new Map<string, Entry>();
-  await Promise.all(
-    plan.stages.map(async (st) => {
-      const e = await cache.lookup(st.key);
-      if (e) entries.set(st.name, e);
-    }),
-  );
+  const lookups = opts.lookups ?? (await cache.lookupAll(plan.stages.map((s) => s.key)));
+  for (const st of plan.stages) {
+    const e = lookups.get(st.key);
+    if (e) entries.set(st.name, e);
+  }
   // Verify the hits we will actually use; a corrupt one becomes a miss, which may
   // pull in its inputs, so repeat until stable.
   let sel = stagesToRun(plan, new Set(entries.keys()));
@@ -92,6 +98,8 @@ export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome>
         if (!(err instanceof CacheCorruptError)) throw err;
         opts.reporter?.line?.(plan.stages.find((s) => s.name === name)!, `warning: ${err.message}`);
         entries.delete(name);
+        // Records sharing the bad blob were dropped with it: they are misses too.
+        for (const [n, other] of entries) if (err.dropped.includes(other.key)) entries.delete(n);
         changed = true;
       }
     }
@@ -99,15 +107,35 @@ export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome>
     sel = stagesToRun(plan, new Set(entries.keys()));
   }
 
+  // Local misses: ask the remote, most downstream first, so a stage whose output is
+  // pulled never needs its inputs (they are neither pulled nor built).
+  const pulled = new Map<string, number>();
+  if (opts.remote) {
+    const tried = new Set<string>();
+    for (;;) {
+      const st = [...plan.stages].reverse().find((s) => sel.run.has(s.name) && !tried.has(s.name));
+      if (!st || controller.signal.aborted) break;
+      tried.add(st.name);
+      const t = performance.now();
+      const e = await opts.remote.fetch(st.key, st.name, cache).catch(() => undefined);
+      if (!e) continue;
+      entries.set(st.name, e);
+      pulled.set(st.name, (performance.now() - t) / 1000);
+      sel = stagesToRun(plan, new Set(entries.keys()));
+    }
+  }
+
   const results = new Map<string, StageResult>();
   for (const st of plan.stages) {
-    results.set(st.name, { name: st.name, kind: st.kind, key: st.key, status: sel.run.has(st.name) ? 'cancelled' : entries.has(st.name) ? 'cached' : 'unused', seconds: 0 });
+    const status = sel.run.has(st.name) ? 'cancelled' : pulled.has(st.name) ? 'pulled' : entries.has(st.name) ? 'cached' : 'unused';
+    results.set(st.name, { name: st.name, kind: st.kind, key: st.key, status, seconds: pulled.get(st.name) ?? 0 });
   }
   for (const st of plan.stages) if (!sel.run.has(st.name)) opts.reporter?.done(st, results.get(st.name)!);
 
   const limit = pLimit(Math.max(1, opts.jobs));
   const heavy = pLimit(Math.max(1, opts.heavyJobs ?? 1));
   const promises = new Map<string, Promise<Entry>>();
+  const pushes: Promise<void>[] = [];
   let firstError: unknown;
 
   const byName = new Map(plan.stages.map((s) => [s.name, s]));
@@ -124,6 +152,8 @@ export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome>
         const go = () => limit(() => runStage(plan, st, Object.fromEntries(inputs), opts, controller.signal, results, t0));
         const entry = await (st.heavy ? heavy(go) : go());
         entries.set(name, entry);
+        // In the background: downstream stages do not wait for the upload.
+        if (opts.remote && !opts.remote.readOnly) pushes.push(opts.remote.store(entry, cache).catch(() => {}));
         return entry;
       })();
       p.catch((e) => {
@@ -137,6 +167,8 @@ export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome>
   };
   const all = plan.stages.filter((s) => sel.run.has(s.name)).map((s) => get(s.name));
   const settled = await Promise.allSettled(all);
+  // Stages that were built are shared even when a later one failed.
+  await Promise.all(pushes);
   opts.signal?.removeEventListener('abort', onOuterAbort);
   const seconds = (performance.now() - t0) / 1000;
   const list = plan.stages.map((s) => results.get(s.name)!);
@@ -182,15 +214,15 @@ async function runStage(
       opts.reporter?.line?.(st, l);
     }
   };
-  let meta: Record<string, unknown> = {};
   try {
     const stageInputs: Record<string, StageInput> = {};
     for (const [k, e] of Object.entries(inputs)) {
       const dir = await cache.materialize(e);
       stageInputs[k] = { dir, files: e.files.map((f) => f.path), meta: e.meta, key: e.key, kind: e.kind };
     }
-    const env = { SOURCE_DATE_EPOCH: String(plan.sourceDateEpoch), LC_ALL: 'C.UTF-8', TZ: 'UTC' };
-    const ctx: RunContext<unknown> = {
+    // An allow-list, never our whole environment (signing key, registry password, CI tokens).
+    const env = stageEnv(process.env, { sourceDateEpoch: plan.sourceDateEpoch, home: workDir, declared: st.mod.env, kind: st.mod.kind });
+    const { ctx, meta } = makeRunContext({
       name: st.name,
       arch: plan.arch,
       params: st.params,
@@ -202,16 +234,13 @@ async function runStage(
       signal,
       exec: (cmd: string, args: string[], o: ExecOptions = {}) => {
         write(`$ ${[cmd, ...args].map(quoteForLog).join(' ')}\n`);
-        return runProcess(cmd, args, { ...o, env: { ...env, ...o.env }, signal, onOutput: write, logTail: () => tail.join('\n') });
+        return runProcess(cmd, args, { ...o, baseEnv: env, signal, onOutput: write, logTail: () => tail.join('\n') });
       },
       log: (l: string) => write(l.endsWith('\n') ? l : l + '\n'),
-      setMeta: (m: Record<string, unknown>) => {
-        meta = { ...meta, ...m };
-      },
-    };
+    });
     await st.mod.run(ctx);
     if (signal.aborted) throw new StageError('cancelled');
-    const entry = await cache.commit(st.key, st.name, st.parts, outDir, JSON.parse(JSON.stringify(meta)));
+    const entry = await cache.commit(st.key, st.name, st.parts, outDir, JSON.parse(JSON.stringify(meta())));
     res.status = 'built';
     return entry;
   } catch (e) {

@@ -248,6 +248,11 @@ export async function hashFile(path: string, opts: HashOptions = {}): Promise<Fi
   }
 }
 
+/** Lowercase hex sha256 of a file's content (streamed: disk images are gigabytes). */
+export async function sha256File(path: string): Promise<string> {
+  return (await hashFile(path)).sha256;
+}
+
 // Plain JS so it runs the same under tsx and from dist/ (eval'd workers skip loaders).
 // Per chunk: sha256-update the whole chunk, then hash the chunk's tail blocks for
 // fs-verity (salted like the main thread) into the shared result area.

@@ -1,34 +1,36 @@
-// I/O steps shared by the disk emitters (raw, iso): unpacking the rootfs tarball,
-// walking the tree, building a FAT image with mtools and GRUB images with the
+// I/O steps shared by the disk emitters (raw, iso) and the engine's RunContext
+// (which unpacks rootfs tarballs for every kind): finding and unpacking the rootfs
+// tarball, walking the tree, building a FAT image with mtools and GRUB images with the
 // host's grub-mkimage. All of it without mounting anything.
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { copyFile, lstat, mkdir, readdir, utimes, writeFile } from 'node:fs/promises';
 import { join, posix } from 'node:path';
 import { GRUB_COMMON_MODULES, type TreeEntry, type TreeStats } from './diskimage.js';
-import { StageError, type RunContext } from '../stage.js';
+import { hashFile } from './digest.js';
+import { StageError, type RunContext, type StageInput } from '../stage.js';
 
 type Ctx = Pick<RunContext<unknown>, 'exec' | 'log' | 'sourceDateEpoch'>;
-
-/** sha256 of a file, hex. */
-export async function sha256File(path: string): Promise<string> {
-  const h = createHash('sha256');
-  for await (const c of createReadStream(path, { highWaterMark: 1 << 20 })) h.update(c as Buffer);
-  return h.digest('hex');
-}
 
 /** Seed for every derived identifier: the content of the inputs plus a purpose tag. */
 export async function contentSeed(tag: string, files: string[], extra: unknown): Promise<string> {
   const h = createHash('sha256').update(`${tag}\0`);
-  for (const f of files) h.update(`${await sha256File(f)}\0`);
+  for (const f of files) h.update(`${(await hashFile(f)).sha256}\0`);
   h.update(JSON.stringify(extra));
   return h.digest('hex');
 }
 
 export function requireRoot(what: string): void {
   if (typeof process.getuid === 'function' && process.getuid() !== 0) {
-    throw new StageError(`${what} must run as root (it unpacks a rootfs with its owners and device nodes)`);
+    throw new StageError(`${what} needs root (a rootfs keeps its owners and device nodes)`);
   }
+}
+
+/** The rootfs tarball of an input: rootfs.tar, or its only *.tar. */
+export function rootfsTarOf(input: StageInput, what = 'rootfs'): string {
+  const tars = input.files.filter((f) => f.endsWith('.tar'));
+  const pick = input.files.includes('rootfs.tar') ? 'rootfs.tar' : tars.length === 1 ? tars[0] : undefined;
+  if (!pick) throw new StageError(`input "${what}" (${input.kind}) has no rootfs.tar; files: ${input.files.join(', ') || '(none)'}`);
+  return join(input.dir, pick);
 }
 
 /**

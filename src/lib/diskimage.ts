@@ -45,13 +45,13 @@ export function fatUuid(serial: string): string {
   return `${serial.slice(0, 4)}-${serial.slice(4, 8)}`;
 }
 
-/** Size strings like "512M", "2G", "1048576" (bytes) to bytes. */
+/** Size strings like "512M", "2G", "1.5GiB", "1048576" (bytes) to whole bytes (binary units). */
 export function parseSize(s: string | number): number {
   if (typeof s === 'number') return s;
-  const m = /^(\d+)([KMGT]?)(i?B)?$/i.exec(s.trim());
+  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$/i.exec(s.trim());
   if (!m) throw new Error(`invalid size "${s}" (use e.g. 512M, 2G)`);
   const mult = { '': 1, K: 1024, M: MiB, G: 1024 * MiB, T: 1024 * 1024 * MiB }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
-  return Number(m[1]) * mult;
+  return Math.floor(Number(m[1]) * mult);
 }
 
 export function alignUp(n: number, to: number): number {

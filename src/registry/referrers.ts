@@ -7,10 +7,10 @@
 // The bundle is the one `pipeline verify` checks locally: its statement lists
 // every file of the layout, including blobs/sha256/<manifest digest>, so the
 // image manifest digest is one of its subjects and no second signature is needed.
-import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { sha256 } from '../engine/canonical.js';
 import { BUNDLE_NAME } from '../engine/manifest-types.js';
 import { parseRef, pushLayout, type PushOptions } from './registry.js';
 
@@ -25,7 +25,7 @@ export interface Descriptor {
   annotations?: Record<string, string>;
 }
 
-const sha = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
+const sha = (b: Buffer) => `sha256:${sha256(b)}`;
 
 /** The referrer manifest (pure): the bundle as the only layer, the image as subject. */
 export function referrerManifest(bundle: Buffer, subject: Descriptor): Buffer {

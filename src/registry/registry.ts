@@ -10,6 +10,7 @@ import { createHash } from 'node:crypto';
 import { open, readFile, stat } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
+import { sha256 } from '../engine/canonical.js';
 import { BuildError, UsageError } from '../engine/errors.js';
 
 // ---------------------------------------------------------------------------
@@ -207,17 +208,19 @@ export const MT = {
   dockerList: 'application/vnd.docker.distribution.manifest.list.v2+json',
 } as const;
 
-interface Descriptor {
+export interface Descriptor {
   mediaType?: string;
   digest: string;
   size: number;
   annotations?: Record<string, string>;
 }
 
-interface BlobItem {
+export interface BlobItem {
   digest: string;
   size: number;
   path: string;
+  /** Small blobs (configs, manifests' companions) may be held in memory instead of read from path. */
+  bytes?: Buffer;
 }
 
 interface ManifestItem {
@@ -298,7 +301,7 @@ async function planPush(layoutDir: string, wantTag: string | undefined): Promise
     } catch {
       throw new LayoutBlobMissingError(d.digest, `${what} ${d.digest} is missing from the layout (expected ${path})`);
     }
-    const actual = 'sha256:' + createHash('sha256').update(bytes).digest('hex');
+    const actual = 'sha256:' + sha256(bytes);
     if (actual !== d.digest) throw new RegistryDigestMismatchError(d.digest, actual, `${what} ${path} hashes to ${actual}, not ${d.digest}: the layout is corrupt`);
     let doc: { mediaType?: string; config?: Descriptor; layers?: Descriptor[]; manifests?: Descriptor[] };
     try {
@@ -331,6 +334,8 @@ export interface PushOptions {
   chunkSize?: number;
   log?: (line: string) => void;
   signal?: AbortSignal;
+  /** Per-request bound (ms): a registry that stops answering fails instead of hanging. Default: none. */
+  timeoutMs?: number;
 }
 
 export interface PushResult {
@@ -342,7 +347,7 @@ export interface PushResult {
   skipped: string[];
 }
 
-class RegistryClient {
+export class RegistryClient {
   private authorization: string | undefined;
   private credsLoaded = false;
   private creds: ResolvedCreds | undefined;
@@ -370,12 +375,14 @@ class RegistryClient {
   }
 
   private async rawFetch(url: string, init: RequestInit): Promise<Response> {
+    const t = this.opts.timeoutMs;
+    const signal = t ? (this.opts.signal ? AbortSignal.any([this.opts.signal, AbortSignal.timeout(t)]) : AbortSignal.timeout(t)) : this.opts.signal;
     try {
-      return await fetch(url, { ...init, redirect: 'follow', signal: this.opts.signal });
+      return await fetch(url, { ...init, redirect: 'follow', signal });
     } catch (e) {
       if (this.opts.signal?.aborted) throw e;
       const err = e as Error & { cause?: { code?: string; message?: string } };
-      const code = err.cause?.code ?? err.cause?.message ?? err.message;
+      const code = err.name === 'TimeoutError' ? `no answer within ${t} ms` : (err.cause?.code ?? err.cause?.message ?? err.message);
       throw new RegistryUnreachableError(this.host, code, new URL(url).origin, url.startsWith('https:') && /SSL|TLS|CERT|EPROTO/i.test(code));
     }
   }
@@ -449,7 +456,7 @@ class RegistryClient {
   }
 }
 
-function checkEchoedDigest(res: Response, expected: string, what: string, host: string, log: (l: string) => void): void {
+export function checkEchoedDigest(res: Response, expected: string, what: string, host: string, log: (l: string) => void): void {
   const got = res.headers.get('docker-content-digest');
   if (got === null) {
     log(`registry ${host} sent no Docker-Content-Digest for ${what}; relying on its own digest check`);
@@ -482,7 +489,7 @@ function withDigest(location: string, base: string, digest: string): string {
   return u.toString();
 }
 
-async function uploadBlob(c: RegistryClient, blob: BlobItem, chunkSize: number, log: (l: string) => void): Promise<void> {
+export async function uploadBlob(c: RegistryClient, blob: BlobItem, chunkSize: number, log: (l: string) => void): Promise<void> {
   const name = c.repository;
   const start = await c.request('POST', `/v2/${name}/blobs/uploads/`, { headers: { 'content-length': '0' } });
   if (start.status !== 202) await c.fail(start, `starting the upload of ${blob.digest}`);
@@ -494,7 +501,7 @@ async function uploadBlob(c: RegistryClient, blob: BlobItem, chunkSize: number, 
   const sha = createHash('sha256');
   let final: Response;
   if (blob.size <= chunkSize) {
-    const body = await readRange(blob.path, 0, blob.size);
+    const body = blob.bytes ?? (await readRange(blob.path, 0, blob.size));
     sha.update(body);
     checkLocal(blob, sha);
     final = await c.request('PUT', withDigest(location, c.base, blob.digest), {
@@ -534,6 +541,16 @@ function checkLocal(blob: BlobItem, sha: ReturnType<typeof createHash>): void {
   }
 }
 
+/** A client for ref's repository after a successful GET /v2/ (reachability and auth settled once). */
+export async function connectRegistry(ref: ImageRef, opts: PushOptions = {}): Promise<RegistryClient> {
+  const insecure = opts.insecure ?? isLoopbackHost(ref.host);
+  const c = new RegistryClient(`${insecure ? 'http' : 'https'}://${ref.host}`, ref.host, ref.repository, opts);
+  const ping = await c.request('GET', '/v2/');
+  await ping.body?.cancel();
+  if (!ping.ok) throw new RegistryError('protocol', `registry ${ref.host} does not speak the distribution API: GET /v2/ answered HTTP ${ping.status}`);
+  return c;
+}
+
 /** Push an OCI image layout to host[:port]/repo[:tag]. Returns the pushed manifest digest. */
 export async function pushLayout(layoutDir: string, ref: string, opts: PushOptions = {}): Promise<PushResult> {
   const r = parseRef(ref);
@@ -541,14 +558,8 @@ export async function pushLayout(layoutDir: string, ref: string, opts: PushOptio
   const chunkSize = opts.chunkSize ?? 16 * 1024 * 1024;
   if (!Number.isInteger(chunkSize) || chunkSize < 1) throw new UsageError(`chunkSize must be a positive integer, got ${chunkSize}`);
   const plan = await planPush(layoutDir, r.tag);
-  const insecure = opts.insecure ?? isLoopbackHost(r.host);
-  const base = `${insecure ? 'http' : 'https'}://${r.host}`;
-  const c = new RegistryClient(base, r.host, r.repository, opts);
-
   // Ping: the cheapest way to fail early on reachability, and it settles auth once.
-  const ping = await c.request('GET', '/v2/');
-  await ping.body?.cancel();
-  if (!ping.ok) throw new RegistryError('protocol', `registry ${r.host} does not speak the distribution API: GET /v2/ answered HTTP ${ping.status}`);
+  const c = await connectRegistry(r, opts);
 
   const pushed: string[] = [];
   const skipped: string[] = [];

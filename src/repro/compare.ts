@@ -2,10 +2,10 @@
 // same plan produced, say whether they match and, when not, where they first
 // diverge. No filesystem access here: the I/O layer (repro.ts) reads cache entries
 // and hands over streams, so every rule below is unit-testable.
-import { createHash } from 'node:crypto';
 import type { Readable } from 'node:stream';
 import tar from 'tar-stream';
 import { diffParts, type KeyParts } from '../engine/compile.js';
+import { hashStream } from '../lib/digest.js';
 
 // ---------------------------------------------------------------------------
 // Stage outputs
@@ -223,19 +223,14 @@ export async function listTarMembers(input: Readable): Promise<TarMember[]> {
   for await (const entry of ex) {
     const h = entry.header;
     const rawPax = (h.pax ?? {}) as Record<string, string>;
-    const hash = createHash('sha256');
-    let n = 0;
-    for await (const chunk of entry) {
-      hash.update(chunk as Buffer);
-      n += (chunk as Buffer).length;
-    }
+    const body = await hashStream(entry as AsyncIterable<Buffer>);
     const pax: Record<string, string> = {};
     for (const k of Object.keys(rawPax).sort()) if (k !== 'path' && k !== 'linkpath') pax[k] = rawPax[k]!;
     const type = h.type ?? 'file';
     out.push({
       name: h.name,
       type,
-      size: h.size ?? n,
+      size: h.size ?? body.size,
       mode: h.mode ?? 0,
       uid: h.uid ?? 0,
       gid: h.gid ?? 0,
@@ -245,7 +240,7 @@ export async function listTarMembers(input: Readable): Promise<TarMember[]> {
       linkname: h.linkname ?? '',
       devmajor: h.devmajor ?? 0,
       devminor: h.devminor ?? 0,
-      sha256: type === 'file' || type === 'contiguous-file' ? hash.digest('hex') : '',
+      sha256: type === 'file' || type === 'contiguous-file' ? body.sha256 : '',
       pax,
       index: out.length,
     });
@@ -321,16 +316,6 @@ export function diffTarMembers(a: TarMember[], b: TarMember[], limit = 200): Tar
   const orderB = b.map((x) => x.name).join('\0');
   const sameSet = a.length === b.length && [...ma.keys()].every((k) => mb.has(k));
   return { membersA: a.length, membersB: b.length, orderDiffers: sameSet && orderA !== orderB, differing, members, attrCounts };
-}
-
-// ---------------------------------------------------------------------------
-// Bytes
-
-/** Index of the first differing byte of two equally-offset chunks, or -1 over their common length. */
-export function firstDifference(a: Uint8Array, b: Uint8Array): number {
-  const n = Math.min(a.length, b.length);
-  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
-  return -1;
 }
 
 // ---------------------------------------------------------------------------

@@ -6,26 +6,26 @@
 // Each build is a child process of the real CLI (bin/pipeline.js build --json)
 // with its own empty cache, so nothing is shared between the two but the spec,
 // the SOURCE_DATE_EPOCH and the Debian mirror.
-import { execFile, spawn } from 'node:child_process';
 import { createReadStream, createWriteStream, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { promisify } from 'node:util';
 import { allVariants, loadSpec } from '../engine/build.js';
 import { Cache, writeAtomic, type Entry } from '../engine/cache.js';
 import { requirements } from '../engine/compile.js';
 import { hashFile } from '../lib/digest.js';
+import { firstDifference } from '../lib/diskimage.js';
 import { resolveEpoch } from '../engine/epoch.js';
 import { BuildError } from '../engine/errors.js';
 import { safeRemove } from '../engine/fsutil.js';
+import { spawnProcess } from '../engine/process.js';
+import { interruptSignal } from '../cli/interrupt.js';
 import { extraKindDirs, KINDS_PATH_ENV, PACKAGE_ROOT } from '../engine/kinds.js';
 import { BUNDLE_NAME } from '../engine/manifest-types.js';
 import {
   compareStages,
   diffImageFiles,
   diffTarMembers,
-  firstDifference,
   formatReport,
   listTarMembers,
   type ImageComparison,
@@ -34,8 +34,6 @@ import {
   type ReproReport,
   type SideStage,
 } from './compare.js';
-
-const run = promisify(execFile);
 
 const BIN = path.join(PACKAGE_ROOT, 'bin', 'pipeline.js');
 
@@ -131,19 +129,18 @@ export async function reproEpoch(specFile: string, specValue: number | undefined
 /** Does faketime exist and actually move node's clock forward? */
 export async function probeFaketime(offset = FAKETIME_OFFSET): Promise<{ ok: boolean; reason: string }> {
   const days = Number(/^\+(\d+)d$/.exec(offset)?.[1] ?? NaN);
-  try {
-    const before = Date.now();
-    const { stdout } = await run('faketime', ['-f', offset, process.execPath, '-e', 'process.stdout.write(String(Date.now()))'], { timeout: 30_000 });
-    const seen = Number(stdout.trim());
-    if (!Number.isFinite(seen)) return { ok: false, reason: `faketime ran but node printed "${stdout.trim()}"` };
-    const shiftDays = (seen - before) / 86_400_000;
-    if (Number.isFinite(days) && Math.abs(shiftDays - days) > 1) return { ok: false, reason: `faketime did not shift node's clock (saw ${shiftDays.toFixed(1)} days instead of ${days})` };
-    return { ok: true, reason: `faketime ${offset}: node saw ${new Date(seen).toISOString()}` };
-  } catch (e) {
-    const err = e as NodeJS.ErrnoException;
-    if (err.code === 'ENOENT') return { ok: false, reason: 'faketime is not installed (apt-get install faketime)' };
-    return { ok: false, reason: `faketime failed: ${err.message.split('\n')[0]}` };
+  const before = Date.now();
+  const r = await spawnProcess('faketime', ['-f', offset, process.execPath, '-e', 'process.stdout.write(String(Date.now()))'], { capture: true, timeoutMs: 30_000 });
+  if (r.notFound) return { ok: false, reason: 'faketime is not installed (apt-get install faketime)' };
+  if (r.spawnError || r.timedOut || r.exitCode !== 0) {
+    const why = r.spawnError ?? (r.timedOut ? 'timed out' : (r.stderr.trim().split('\n')[0] ?? '') || `exit ${r.exitCode ?? r.signal}`);
+    return { ok: false, reason: `faketime failed: ${why}` };
   }
+  const seen = Number(r.stdout.trim());
+  if (!Number.isFinite(seen)) return { ok: false, reason: `faketime ran but node printed "${r.stdout.trim()}"` };
+  const shiftDays = (seen - before) / 86_400_000;
+  if (Number.isFinite(days) && Math.abs(shiftDays - days) > 1) return { ok: false, reason: `faketime did not shift node's clock (saw ${shiftDays.toFixed(1)} days instead of ${days})` };
+  return { ok: true, reason: `faketime ${offset}: node saw ${new Date(seen).toISOString()}` };
 }
 
 // ---------------------------------------------------------------------------
@@ -188,24 +185,23 @@ async function runBuild(side: Side, o: { arch: string; variants: string[]; spec:
   const tail: string[] = [];
   let stdoutBuf = '';
   const events: Record<string, unknown>[] = [];
-  const code = await new Promise<number>((resolve, reject) => {
-    // Own process group, so cancelling takes down faketime, node and every tool below.
-    const child = spawn('sh', ['-c', UMASK_SH, 'sh', side.umask, ...cmd], { cwd: side.dir, env: childEnv(side, o.epoch), stdio: ['ignore', 'pipe', 'pipe'], detached: true });
-    const onAbort = () => {
-      try {
-        process.kill(-child.pid!, 'SIGTERM');
-      } catch {
-        /* already gone */
-      }
-    };
-    o.signal?.addEventListener('abort', onAbort, { once: true });
-    const keepTail = (s: string) => {
-      for (const l of s.split('\n')) if (l) tail.push(l);
-      if (tail.length > 40) tail.splice(0, tail.length - 40);
-    };
-    child.stdout.on('data', (d: Buffer) => {
+  const keepTail = (t: string) => {
+    for (const l of t.split('\n')) if (l) tail.push(l);
+    if (tail.length > 40) tail.splice(0, tail.length - 40);
+  };
+  // The runner gives it its own process group and PID namespace, so cancelling or
+  // killing us takes down faketime, node and every tool below it.
+  const r = await spawnProcess('sh', ['-c', UMASK_SH, 'sh', side.umask, ...cmd], {
+    cwd: side.dir,
+    baseEnv: childEnv(side, o.epoch),
+    signal: o.signal,
+    onOutput: (d, stream) => {
       log.write(d);
-      stdoutBuf += d.toString('utf8');
+      if (stream === 'stderr') {
+        keepTail(d);
+        return;
+      }
+      stdoutBuf += d;
       let i: number;
       while ((i = stdoutBuf.indexOf('\n')) >= 0) {
         const line = stdoutBuf.slice(0, i);
@@ -218,17 +214,13 @@ async function runBuild(side: Side, o: { arch: string; variants: string[]; spec:
           }
         } else keepTail(line);
       }
-    });
-    child.stderr.on('data', (d: Buffer) => {
-      log.write(d);
-      keepTail(d.toString('utf8'));
-    });
-    child.on('error', reject);
-    child.on('close', (c, sig) => {
-      o.signal?.removeEventListener('abort', onAbort);
-      resolve(c ?? (sig ? 128 : 1));
-    });
+    },
   });
+  if (r.spawnError) {
+    await new Promise<void>((res) => log.end(res));
+    throw new BuildError(`could not start the build: ${r.spawnError}`);
+  }
+  const code = r.exitCode ?? (r.signal ? 128 : 1);
   await new Promise<void>((r) => log.end(r));
   const seconds = (performance.now() - t0) / 1000;
   const summary = events.find((e) => e.event === 'summary') as { ok?: boolean; stages?: BuildRun['stages'] } | undefined;
@@ -251,27 +243,6 @@ async function sideStages(side: Side, stages: BuildRun['stages']): Promise<{ lis
     list.push({ name: s.name, kind: s.kind, key: s.key, parts: e?.parts, files: e?.files.map((f) => ({ path: f.path, size: f.size, sha256: f.sha256, executable: f.executable })) });
   }
   return { list, entries };
-}
-
-/** First byte where two files differ (-1 when equal), reading both in step. */
-export async function firstDifferingOffset(a: string, b: string): Promise<number> {
-  const [fa, fb] = await Promise.all([fs.open(a, 'r'), fs.open(b, 'r')]);
-  try {
-    const size = 1 << 20;
-    const ba = Buffer.alloc(size);
-    const bb = Buffer.alloc(size);
-    let pos = 0;
-    for (;;) {
-      const [ra, rb] = await Promise.all([fa.read(ba, 0, size, pos), fb.read(bb, 0, size, pos)]);
-      const i = firstDifference(ba.subarray(0, ra.bytesRead), bb.subarray(0, rb.bytesRead));
-      if (i >= 0) return pos + i;
-      if (ra.bytesRead !== rb.bytesRead) return pos + Math.min(ra.bytesRead, rb.bytesRead);
-      if (ra.bytesRead === 0) return -1;
-      pos += ra.bytesRead;
-    }
-  } finally {
-    await Promise.all([fa.close(), fb.close()]);
-  }
 }
 
 function isTar(p: string): boolean {
@@ -311,7 +282,7 @@ async function compareImages(a: Side, b: Side, arch: string, variants: string[])
     const files = diffImageFiles(await listImageDir(da), await listImageDir(db), {
       [BUNDLE_NAME]: 'a signature is randomised (ECDSA nonce); the statement it signs is compared',
     });
-    for (const f of files) if (f.changes.includes('content')) f.firstOffset = await firstDifferingOffset(path.join(da, f.path), path.join(db, f.path));
+    for (const f of files) if (f.changes.includes('content')) f.firstOffset = (await firstDifference(path.join(da, f.path), path.join(db, f.path))) ?? -1;
     out.push({ variant: v, identical: files.every((f) => f.ignored), files });
   }
   return out;
@@ -333,31 +304,13 @@ async function runDiffoscope(work: string, stage: string, file: string, blobA: s
   const out = createWriteStream(outputFile);
   let text = '';
   let truncated = false;
-  const code = await new Promise<number>((resolve) => {
-    const child = spawn('diffoscope', ['--no-progress', '--text', '-', rel('a'), rel('b')], { cwd: base, env: { ...process.env, LC_ALL: 'C.UTF-8', TZ: 'UTC' }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
-    const kill = () => {
-      try {
-        process.kill(-child.pid!, 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-    };
-    const t = setTimeout(kill, DIFFOSCOPE_TIMEOUT_MS);
-    signal?.addEventListener('abort', kill, { once: true });
-    const take = (d: Buffer) => {
-      out.write(d);
-      if (text.length < DIFFOSCOPE_MAX_REPORT) text += d.toString('utf8');
-      else truncated = true;
-    };
-    child.stdout.on('data', take);
-    child.stderr.on('data', take);
-    child.on('error', () => resolve(-1));
-    child.on('close', (c) => {
-      clearTimeout(t);
-      signal?.removeEventListener('abort', kill);
-      resolve(c ?? -1);
-    });
-  });
+  const take = (d: string) => {
+    out.write(d);
+    if (text.length < DIFFOSCOPE_MAX_REPORT) text += d;
+    else truncated = true;
+  };
+  const r = await spawnProcess('diffoscope', ['--no-progress', '--text', '-', rel('a'), rel('b')], { cwd: base, env: { LC_ALL: 'C.UTF-8', TZ: 'UTC' }, timeoutMs: DIFFOSCOPE_TIMEOUT_MS, signal, onOutput: take });
+  const code = r.exitCode ?? -1;
   await new Promise<void>((r) => out.end(r));
   if (text.length > DIFFOSCOPE_MAX_REPORT) {
     text = text.slice(0, DIFFOSCOPE_MAX_REPORT);
@@ -369,12 +322,8 @@ async function runDiffoscope(work: string, stage: string, file: string, blobA: s
 }
 
 async function haveDiffoscope(): Promise<boolean> {
-  try {
-    await run('diffoscope', ['--version'], { timeout: 60_000 });
-    return true;
-  } catch {
-    return false;
-  }
+  const r = await spawnProcess('diffoscope', ['--version'], { capture: true, timeoutMs: 60_000 });
+  return r.exitCode === 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -456,7 +405,7 @@ export async function repro(opts: ReproOptions): Promise<ReproReport> {
         if (!f.a || !f.b || !f.changes.includes('content')) continue;
         const pa = blobs.a.blobPath(f.a.sha256);
         const pb = blobs.b.blobPath(f.b.sha256);
-        f.firstOffset = await firstDifferingOffset(pa, pb);
+        f.firstOffset = (await firstDifference(pa, pb)) ?? -1;
         // Member lists only where the difference starts; downstream copies inherit it.
         if (source && isTar(f.path)) {
           try {
@@ -513,18 +462,10 @@ export interface ReproCommandOptions extends ReproOptions {
 
 /** The CLI command: run, print, write the JSON report; exit 0 when identical, 1 when not. */
 export async function reproCommand(o: ReproCommandOptions): Promise<number> {
-  const ac = new AbortController();
-  let count = 0;
-  const onSig = (sig: NodeJS.Signals) => {
-    if (++count > 1) process.exit(130);
-    process.stderr.write(`\npipeline repro: ${sig}, stopping the build…\n`);
-    ac.abort(new Error(sig));
-  };
-  process.on('SIGINT', onSig);
-  process.on('SIGTERM', onSig);
+  const interrupt = interruptSignal('pipeline repro', 'stopping the build');
   const reportFile = path.resolve(o.report ?? path.join(o.out ?? 'images', `repro-${o.arch}.json`));
   try {
-    const r = await repro({ ...o, signal: ac.signal, log: (l) => process.stderr.write(l + '\n') });
+    const r = await repro({ ...o, signal: interrupt.signal, log: (l) => process.stderr.write(l + '\n') });
     await fs.mkdir(path.dirname(reportFile), { recursive: true });
     await writeAtomic(reportFile, JSON.stringify(r, null, 2) + '\n');
     if (o.json) process.stdout.write(JSON.stringify(r, null, 2) + '\n');
@@ -537,7 +478,6 @@ export async function reproCommand(o: ReproCommandOptions): Promise<number> {
     await writeAtomic(reportFile, JSON.stringify({ schema: 'pipeline.repro-report/v1', arch: o.arch, variants: o.variants, identical: false, error }, null, 2) + '\n').catch(() => {});
     throw e;
   } finally {
-    process.off('SIGINT', onSig);
-    process.off('SIGTERM', onSig);
+    interrupt.dispose();
   }
 }

@@ -8,7 +8,7 @@
 //
 // Key material is never logged or put in error messages: only paths and fingerprints.
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, sign as cryptoSign, type KeyObject } from 'node:crypto';
-import { chmod, link, readFile, rename, unlink, writeFile } from 'node:fs/promises';
+import { chmod, link, readFile, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import {
   CIContextProvider,
@@ -23,13 +23,14 @@ import {
   type Witness,
 } from '@sigstore/sign';
 import { bundleToJSON, type SerializedBundle } from '@sigstore/bundle';
+import { writeAtomic } from '../engine/cache.js';
 import { stableJson } from '../engine/canonical.js';
 import { BUNDLE_NAME, STATEMENT_NAME } from '../engine/manifest-types.js';
 import { DSSE_PAYLOAD_TYPE, STATEMENT_TYPE } from '../engine/provenance.js';
+import { SIGNING_KEY_ENV } from './signer.js';
 
 export const PRIVATE_KEY_NAME = 'signing.key';
 export const PUBLIC_KEY_NAME = 'signing.pub';
-export const SIGNING_KEY_ENV = 'PIPELINE_SIGNING_KEY';
 
 export class SigningError extends Error {
   readonly exitCode = 1;
@@ -304,15 +305,4 @@ export async function signImageDir(dir: string, opts: SignOptions): Promise<void
   }
   const bundle = await signStatement(bytes, opts);
   await writeAtomic(path.join(dir, BUNDLE_NAME), stableJson(bundle));
-}
-
-async function writeAtomic(file: string, data: string): Promise<void> {
-  const tmp = `${file}.${process.pid}.tmp`;
-  try {
-    await writeFile(tmp, data, { mode: 0o644 });
-    await rename(tmp, file);
-  } catch (err) {
-    await unlink(tmp).catch(() => {});
-    throw err;
-  }
 }

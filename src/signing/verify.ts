@@ -8,8 +8,6 @@
 //    chain, SCT, Rekor entry and the --certificate-identity/--certificate-oidc-issuer policy are
 //    all checked by @sigstore/verify. Without it we refuse rather than trust an unchained cert.
 //    sigstore.verify() is not used because it always refreshes TUF metadata over the network.
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { readdir, readFile, lstat } from 'node:fs/promises';
 import path from 'node:path';
 import { createPublicKey, type KeyObject } from 'node:crypto';
@@ -17,7 +15,9 @@ import { bundleFromJSON, type Bundle } from '@sigstore/bundle';
 import { X509Certificate } from '@sigstore/core';
 import { TrustedRoot } from '@sigstore/protobuf-specs';
 import { Verifier, toSignedEntity, toTrustMaterial, type VerificationPolicy } from '@sigstore/verify';
+import { sha256 } from '../engine/canonical.js';
 import { BUNDLE_NAME, MANIFEST_NAME, STATEMENT_NAME, SUMS_NAME } from '../engine/manifest-types.js';
+import { sha256File } from '../lib/digest.js';
 import { DSSE_PAYLOAD_TYPE, SLSA_PROVENANCE_V1, STATEMENT_TYPE, isSafeSubjectName } from '../engine/provenance.js';
 import { sshFingerprint } from './signing.js';
 
@@ -88,13 +88,6 @@ export async function listImageFiles(dir: string): Promise<{ files: string[]; ot
   return { files: files.sort(byBytes), other: other.sort(byBytes) };
 }
 
-export async function sha256File(file: string): Promise<string> {
-  const h = createHash('sha256');
-  // Streamed: disk images are gigabytes.
-  for await (const chunk of createReadStream(file)) h.update(chunk as Buffer);
-  return h.digest('hex');
-}
-
 /** Subjects for buildStatement: every file in dir except the statement and bundle. */
 export async function hashImageDir(dir: string): Promise<{ name: string; sha256: string }[]> {
   const { files, other } = await listImageFiles(dir);
@@ -143,7 +136,8 @@ function certInfo(bundle: Bundle): { san: string; issuer: string } {
   }
 }
 
-async function verifySignature(bundle: Bundle, opts: VerifyOptions, bundlePath: string): Promise<string> {
+/** Check a bundle's signature against the key or keyless policy in opts; returns who signed. */
+export async function verifySignature(bundle: Bundle, opts: VerifyOptions, bundlePath: string): Promise<string> {
   const entity = toSignedEntity(bundle);
   if (entity.key.$case === 'public-key') {
     if (opts.certificateIdentity || opts.certificateIssuer) {
@@ -305,10 +299,9 @@ export async function verifyImageDir(dir: string, opts: VerifyOptions = {}): Pro
   }
   const payload = Buffer.from(env.payload);
   if (!onDisk.equals(payload)) {
-    const h = (b: Buffer) => createHash('sha256').update(b).digest('hex');
     throw new VerifyError(
       'TAMPERED_STATEMENT',
-      `${stmtPath} differs from the signed statement in ${BUNDLE_NAME}: sha256 ${h(onDisk)} on disk, ${h(payload)} signed`,
+      `${stmtPath} differs from the signed statement in ${BUNDLE_NAME}: sha256 ${sha256(onDisk)} on disk, ${sha256(payload)} signed`,
     );
   }
   // Trust only the signed bytes from here on.

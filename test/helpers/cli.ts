@@ -1,9 +1,9 @@
 // Runs the real CLI (bin/pipeline.js -> dist/, as users run it) in a child process.
 import { spawn } from 'node:child_process';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { ROOT } from './paths.js';
 
-export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export { ROOT };
 export const BIN = path.join(ROOT, 'bin', 'pipeline.js');
 /** Integration tests share one cache so the rootfs is built once per machine. */
 export const TEST_CACHE = process.env.PIPELINE_TEST_CACHE ?? '/var/tmp/pipeline-test-cache';

@@ -52,6 +52,15 @@ export async function findOrFetchCosign(cacheDir = COSIGN_CACHE_DIR): Promise<Co
 }
 
 async function fetchCosign(cacheDir: string, suite: string): Promise<CosignInfo> {
+  return fetchDebianBinary('cosign', 'usr/bin/cosign', cacheDir, suite);
+}
+
+/**
+ * Fetch one binary from a Debian package of `suite` into cacheDir/<basename> with a
+ * throwaway apt config (see the header); ORIGIN records the package version.
+ */
+export async function fetchDebianBinary(pkg: string, binInDeb: string, cacheDir: string, suite: string): Promise<CosignInfo> {
+  const name = path.basename(binInDeb);
   await mkdir(cacheDir, { recursive: true });
   const tmp = await mkdtemp(path.join(cacheDir, '.fetch-'));
   try {
@@ -74,19 +83,19 @@ async function fetchCosign(cacheDir: string, suite: string): Promise<CosignInfo>
       '-q',
     ];
     await run('apt-get', [...aptOpts, 'update'], { cwd: tmp });
-    await run('apt-get', [...aptOpts, 'download', `cosign/${suite}`], { cwd: tmp });
-    const deb = (await readdir(tmp)).find((f) => f.startsWith('cosign_') && f.endsWith('.deb'));
-    if (!deb) throw new Error(`apt-get download cosign/${suite} produced no .deb`);
+    await run('apt-get', [...aptOpts, 'download', `${pkg}/${suite}`], { cwd: tmp });
+    const deb = (await readdir(tmp)).find((f) => f.startsWith(`${pkg}_`) && f.endsWith('.deb'));
+    if (!deb) throw new Error(`apt-get download ${pkg}/${suite} produced no .deb`);
     const { stdout: version } = await run('dpkg-deb', ['-f', path.join(tmp, deb), 'Version']);
     await run('dpkg', ['-x', path.join(tmp, deb), path.join(tmp, 'x')]);
-    const origin = `debian ${suite} cosign ${version.trim()} (${deb})`;
+    const origin = `debian ${suite} ${pkg} ${version.trim()} (${deb})`;
     await writeFile(path.join(cacheDir, 'ORIGIN'), origin + '\n');
     // rename is atomic: a concurrent test never sees a half-copied binary.
-    await rename(path.join(tmp, 'x/usr/bin/cosign'), path.join(cacheDir, 'cosign'));
-    return { path: path.join(cacheDir, 'cosign'), origin };
+    await rename(path.join(tmp, 'x', binInDeb), path.join(cacheDir, name));
+    return { path: path.join(cacheDir, name), origin };
   } catch (err) {
     const e = err as { stderr?: string; message: string };
-    throw new Error(`could not fetch cosign from Debian ${suite}: ${e.message}${e.stderr ? `\n${e.stderr}` : ''}`);
+    throw new Error(`could not fetch ${pkg} from Debian ${suite}: ${e.message}${e.stderr ? `\n${e.stderr}` : ''}`);
   } finally {
     await rm(tmp, { recursive: true, force: true });
   }

@@ -13,6 +13,8 @@ export interface RegistryServer {
   host: string;
   port: number;
   url: string;
+  /** The registry's storage root (filesystem driver), for tests that tamper with stored blobs. */
+  storage: string;
   stop(): Promise<void>;
 }
 
@@ -97,7 +99,7 @@ export async function startRegistry(opts: RegistryOptions = {}): Promise<Registr
     }
     await new Promise((r) => setTimeout(r, 100));
   }
-  return { host: `127.0.0.1:${port}`, port, url, stop };
+  return { host: `127.0.0.1:${port}`, port, url, storage: join(dir, 'data'), stop };
 }
 
 const TOKEN_SERVICE = 'pipeline-test-registry';

@@ -1,10 +1,14 @@
-// Run one stage module outside the engine: a real RunContext whose exec spawns
-// argument arrays (src/exec.ts), with params parsed by the module's own schema.
+// Run one stage module outside the engine: the engine's own RunContext
+// (makeRunContext) whose exec spawns argument arrays, with params parsed by the
+// module's own schema. Like the engine, scratch goes whatever happens and the
+// output directory is emptied when the stage fails.
 import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
+import { makeRunContext } from '../../src/engine/context.js';
+import { safeRemove } from '../../src/engine/fsutil.js';
 import { runProcess } from '../../src/engine/process.js';
-import type { Arch, RunContext, StageInput, StageModule } from '../../src/stage.js';
+import type { Arch, StageInput, StageModule } from '../../src/stage.js';
 
 export interface RunStageOptions {
   params?: unknown;
@@ -43,8 +47,7 @@ export async function runStage(mod: StageModule, opts: RunStageOptions = {}): Pr
   const workDir = opts.workDir ?? (await mkdtemp(join(tmpdir(), 'stage-work-')));
   await mkdir(outDir, { recursive: true });
   const log: string[] = [];
-  let meta: Record<string, unknown> = {};
-  const ctx: RunContext<unknown> = {
+  const { ctx, meta } = makeRunContext({
     name: opts.name ?? mod.kind,
     arch: opts.arch ?? 'amd64',
     params: mod.params.parse(opts.params ?? {}),
@@ -55,16 +58,18 @@ export async function runStage(mod: StageModule, opts: RunStageOptions = {}): Pr
     specDir: process.cwd(),
     signal: new AbortController().signal,
     exec: (cmd, args, o) => runProcess(cmd, args, { ...o, onOutput: (c) => log.push(c) }),
-    log: (l) => log.push(l),
-    setMeta: (m) => {
-      meta = { ...meta, ...m };
-    },
-  };
+    log: (l) => log.push(l.endsWith('\n') ? l : l + '\n'),
+  });
   try {
     await mod.run(ctx as never);
+  } catch (e) {
+    // The engine drops a failed stage's outDir; here the caller may own the
+    // directory (a mount point), so empty it instead.
+    for (const f of await readdir(outDir).catch(() => [] as string[])) await rm(join(outDir, f), { recursive: true, force: true });
+    process.stderr.write(`stage ${mod.kind} failed; last log lines:\n${log.join('').split('\n').slice(-40).join('\n')}\n`);
+    throw e;
   } finally {
-    // Like the engine: scratch goes whatever happens (unless the caller owns it).
-    if (!opts.workDir) await rm(workDir, { recursive: true, force: true });
+    if (!opts.workDir) await safeRemove(workDir);
   }
-  return { outDir, meta, log, files: await listFiles(outDir) };
+  return { outDir, meta: meta(), log, files: await listFiles(outDir) };
 }

@@ -1,11 +1,10 @@
 // What a directory tree looks like to a consumer: type, mode, owner, content hash,
 // link target, device number, xattrs (via getfattr) and hard-link groups, per path.
 // Used to compare a tree a real tool unpacked or mounted against a reference.
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { lstat, readdir, readlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { canonicalize } from '../../src/engine/canonical.js';
+import { sha256File } from '../../src/lib/digest.js';
 import { runProcess } from '../../src/engine/process.js';
 
 export interface NodeSnap {
@@ -35,12 +34,6 @@ function typeOf(mode: number): string {
     case 0o140000: return 'socket';
     default: return 'unknown';
   }
-}
-
-async function sha256File(p: string): Promise<string> {
-  const h = createHash('sha256');
-  for await (const c of createReadStream(p)) h.update(c as Buffer);
-  return h.digest('hex');
 }
 
 /** getfattr's path quoting: \ooo octal escapes. */

@@ -10,17 +10,23 @@ import { execFileSync } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { cli, ROOT, summary } from '../helpers/cli.js';
 
-const skip = false;
-const enabled = true;
 const FIXTURE = path.join(ROOT, 'fixtures', 'minimal-arm64.yaml');
-const work = enabled ? await fs.mkdtemp(path.join(os.tmpdir(), 'pipeline-arm64-')) : '';
-const out = path.join(work, 'images');
+const BUILD = ['arm64', 'ipxe', 'kernel-initrd', '-f', FIXTURE];
 
-test('build arm64 ipxe produces an arm64 kernel, an initramfs and a boot script for ttyAMA0', async () => {
-  const r = await cli(['build', 'arm64', 'ipxe', 'kernel-initrd', '-f', FIXTURE, '--out', out, '--json']);
+// Each test publishes into its own dir and builds what it needs itself: the stages
+// come from the shared test cache, so only the first test to run pays for them.
+async function outDir(t: TestContext): Promise<string> {
+  const work = await fs.mkdtemp(path.join(os.tmpdir(), 'pipeline-arm64-'));
+  t.after(() => fs.rm(work, { recursive: true, force: true }));
+  return path.join(work, 'images');
+}
+
+test('build arm64 ipxe produces an arm64 kernel, an initramfs and a boot script for ttyAMA0', async (t) => {
+  const out = await outDir(t);
+  const r = await cli(['build', ...BUILD, '--out', out, '--json']);
   assert.equal(r.code, 0, r.stderr);
   assert.equal(summary(r).ok, true);
   const dir = path.join(out, 'ipxe', 'arm64');
@@ -53,26 +59,26 @@ test('build arm64 ipxe produces an arm64 kernel, an initramfs and a boot script 
   assert.ok(m.resolved.tools.gzip);
 });
 
-test('the arm64 bundles boot under qemu-system-aarch64 and the probe reports on ttyAMA0', async () => {
-  const r = await cli(['test', 'arm64', 'ipxe', 'kernel-initrd', '-f', FIXTURE, '--out', out, '--json']);
+test('the arm64 bundles boot under qemu-system-aarch64 and the probe reports on ttyAMA0', async (t) => {
+  // `pipeline test` builds (cached) before it boots.
+  const r = await cli(['test', ...BUILD, '--out', await outDir(t), '--json']);
   const boots = r.events.filter((e) => e.event === 'boot-test');
   assert.equal(boots.length, 2, r.stderr);
   for (const b of boots) assert.equal(b.ok, true, `${b.label}: ${JSON.stringify(b)}\n${r.stderr}`);
   assert.equal(r.code, 0, r.stderr);
 });
 
-test('a second arm64 build executes zero stages', async () => {
-  const r = await cli(['build', 'arm64', 'ipxe', 'kernel-initrd', '-f', FIXTURE, '--out', out, '--json']);
+test('a second arm64 build executes zero stages', async (t) => {
+  const out = await outDir(t);
+  const first = await cli(['build', ...BUILD, '--out', out, '--json']);
+  assert.equal(first.code, 0, first.stderr);
+  const r = await cli(['build', ...BUILD, '--out', out, '--json']);
   assert.equal(r.code, 0, r.stderr);
   assert.deepEqual(summary(r).executed, []);
   assert.deepEqual(summary(r).cached.sort(), ['initramfs', 'ipxe', 'kernel-initrd', 'rootfs']);
 });
 
-test('cleanup', async () => {
-  await fs.rm(work, { recursive: true, force: true });
-});
-
-// Cheap and host-only, so these run by default: the pieces arm64 builds and boots rely on.
+// Cheap and host-only: the pieces arm64 builds and boots rely on.
 test('parseLdd finds the host gzip loader and libc that dracut runs natively for foreign arches', async () => {
   const { parseLdd } = await import('../../stages/dracut.js');
   const text = execFileSync('ldd', ['/usr/bin/gzip'], { encoding: 'utf8' });

@@ -178,14 +178,18 @@ test('full output dir: clear error, no store left', { skip: !isRoot && 'needs ro
   }
 });
 
-test('real mmdebstrap rootfs: no missing objects, digests agree, mounted tree = GNU tar extraction', { skip: !isRoot && 'needs root' }, async () => {
+test('real mmdebstrap rootfs: no missing objects, digests agree, mounted tree = GNU tar extraction', { skip: !isRoot && 'needs root' }, async (t) => {
   const inDir = join(tmp, 'real-in');
   await mkdir(inDir);
   const real = await fixtureRootfs();
   await run('ln', ['-f', real, join(inDir, 'rootfs.tar')]).catch(() => run('cp', [real, join(inDir, 'rootfs.tar')]));
   const r = await build(inDir);
   await checkStore(r);
-  if (!canMount) return;
+  if (!canMount) {
+    // The store checks above ran; only the mount comparison is left out.
+    t.skip('the kernel has no erofs or overlay: mounted tree not compared');
+    return;
+  }
   const ref = join(tmp, 'real-ref');
   await extractWithGnuTar(join(inDir, 'rootfs.tar'), ref);
   const want = await snapshotTree(ref);

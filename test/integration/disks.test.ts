@@ -8,13 +8,14 @@
 // grub-efi-amd64-bin, squashfs-tools, xorriso, qemu-utils, qemu-system-x86, ovmf
 // and the Debian mirror.
 import assert from 'node:assert/strict';
-import { promises as fs } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, promises as fs } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { expectedDump, firstDifference, parseSfdiskDump, SECTOR, type DiskPlan } from '../../src/lib/diskimage.js';
 import { runProcess } from '../../src/engine/process.js';
-import { cli, summary, TEST_CACHE } from '../helpers/cli.js';
+import { cli, ROOT, summary, TEST_CACHE } from '../helpers/cli.js';
 import { FIXTURE } from '../helpers/fixture-rootfs.js';
 
 interface Built {
@@ -139,4 +140,82 @@ test('pipeline test boots the full OS from raw and qcow2 (SeaBIOS, OVMF) and the
     assert.match(labels, want);
   }
   assert.equal(r.code, 0, r.stderr);
+});
+
+test('the grub.cfg inside each image carries the spec\'s whole command line after what the emitter adds', async () => {
+  // fixtures/minimal.yaml: cmdline "console=${console} panic=-1", shared by every boot path.
+  const tail = 'console=ttyS0 panic=-1';
+  const r = built.raw![0]!;
+  const rm_ = r.meta as { root_uuid: string; partitions: { start: number }[] };
+  const esp = `${join(r.dir, 'disk.raw')}@@${rm_.partitions[1]!.start * SECTOR}`;
+  const rawCfg = (await runProcess('mtype', ['-i', esp, '::/boot/grub/grub.cfg'], { capture: true, env: { MTOOLS_SKIP_CHECK: '1' } })).stdout;
+  assert.match(rawCfg, new RegExp(`^\\s*linux /boot/vmlinuz root=UUID=${rm_.root_uuid} rw ${tail}$`, 'm'));
+
+  const i = built.iso![0]!;
+  const label = (i.meta as { label: string }).label;
+  const isoCfgFile = join(base, 'iso-grub.cfg');
+  await run('xorriso', ['-osirrox', 'on', '-indev', join(i.dir, 'live.iso'), '-extract', '/boot/grub/grub.cfg', isoCfgFile]);
+  const isoCfg = await fs.readFile(isoCfgFile, 'utf8');
+  assert.match(isoCfg, new RegExp(`^\\s*linux /boot/vmlinuz root=live:CDLABEL=${label} rd.live.image rd.live.overlay.overlayfs=1 ${tail}$`, 'm'));
+  // Said once: the emitters no longer add a console of their own.
+  for (const cfg of [rawCfg, isoCfg]) assert.equal(cfg.match(/console=/g)?.length, 1, cfg);
+});
+
+test('every boot path of the fixture and the default pipeline gets the same cmdline', async () => {
+  for (const spec of [FIXTURE, join(ROOT, 'pipelines', 'powernode.yaml')]) {
+    const p = await cli(['plan', 'amd64', '--all', '--json', '-f', spec]);
+    assert.equal(p.code, 0, p.stderr);
+    const stages = (JSON.parse(p.stdout).stages as { kind: string; params: { cmdline?: string } }[]).filter((s) => ['ipxe', 'kernel-initrd', 'raw', 'iso'].includes(s.kind));
+    assert.deepEqual(stages.map((s) => s.kind).sort(), ['ipxe', 'iso', 'kernel-initrd', 'raw']);
+    assert.equal(new Set(stages.map((s) => s.params.cmdline)).size, 1, JSON.stringify(stages.map((s) => [s.kind, s.params.cmdline])));
+  }
+});
+
+const canDropRoot = process.getuid?.() === 0 && existsSync('/usr/bin/setpriv');
+
+test('raw and iso declare that they need root: preflight refuses an unprivileged build before any stage runs', { skip: !canDropRoot && 'needs root and setpriv (util-linux) to run the CLI as nobody' }, async () => {
+  // Inputs from a kind that needs nothing, so the only root-needing stage is the emitter.
+  const dir = await mkdtemp(join(base, 'preflight-'));
+  // nobody must reach the spec and the dirs it writes (base is a 0700 temp dir).
+  await fs.chmod(base, 0o755);
+  await fs.chmod(dir, 0o755);
+  await fs.writeFile(
+    join(dir, 'spec.yaml'),
+    [
+      'name: preflight',
+      'arches: [amd64]',
+      'source_date_epoch: 1704067200',
+      'stages:',
+      '  rootfs: { kind: fixed-text, with: { name: rootfs.tar, content: "not a tarball" } }',
+      '  boot: { kind: fixed-text, with: { name: vmlinuz, content: "k" } }',
+      '  raw: { kind: raw, inputs: { rootfs: rootfs, boot: boot } }',
+      '  iso: { kind: iso, inputs: { rootfs: rootfs, boot: boot } }',
+      'variants: { text: [rootfs], raw: [raw], iso: [iso] }',
+      '',
+    ].join('\n'),
+    { mode: 0o644 },
+  );
+  for (const d of ['cache', 'out']) {
+    await fs.mkdir(join(dir, d));
+    await fs.chmod(join(dir, d), 0o777);
+  }
+  const asNobody = (variant: string) => {
+    const r = spawnSync(
+      'setpriv',
+      ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, join(ROOT, 'bin', 'pipeline.js'), 'build', 'amd64', variant, '-f', join(dir, 'spec.yaml'), '--cache-dir', join(dir, 'cache'), '--out', join(dir, 'out')],
+      { encoding: 'utf8', env: { ...process.env, PIPELINE_KINDS_PATH: join(ROOT, 'fixtures', 'kinds'), HOME: dir } },
+    );
+    return { code: r.status, stderr: r.stderr };
+  };
+  // The machine itself is fine for an unprivileged build of the inputs...
+  const text = asNobody('text');
+  assert.equal(text.code, 0, text.stderr);
+  for (const v of ['raw', 'iso']) {
+    const r = asNobody(v);
+    // ...but not for the emitters: usage error (2) from preflight, naming root.
+    assert.equal(r.code, 2, `${v}: ${r.stderr}`);
+    assert.match(r.stderr, /root: .*needs root/, v);
+  }
+  // Nothing ran for them: only the text variant's stage has a cache entry.
+  assert.equal((await fs.readdir(join(dir, 'cache', 'entries'))).filter((f) => f.endsWith('.json')).length, 1);
 });

@@ -2,33 +2,21 @@
 // unshare/losetup, real tool version reads. Needs root and qemu-system-x86.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { chmod, mkdtemp, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { assessHost, chooseAccel, formatDoctor, preflight } from '../../src/doctor/doctor.js';
-import { PROBE_BLOCKS, probeAccel, probeHost, probeTools, type BootProbe } from '../../src/doctor/probe.js';
-
-/** Live (non-zombie) processes whose command line mentions `needle`. */
-function processesMentioning(needle: string): string[] {
-  const hits: string[] = [];
-  for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
-    try {
-      const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').join(' ');
-      if (!cmd.includes(needle)) continue;
-      const st = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      if (st.slice(st.lastIndexOf(')') + 2)[0] === 'Z') continue;
-      hits.push(`${pid}: ${cmd}`);
-    } catch {
-      // exited while we looked
-    }
-  }
-  return hits;
-}
+import { aptPackages, assessHost, chooseAccel, formatDoctor, shippedSpecTools } from '../../src/doctor/doctor.js';
+import { PROBE_BLOCKS, probeAccel, probeHost, type BootProbe } from '../../src/doctor/probe.js';
+import { loadKinds } from '../../src/engine/kinds.js';
+import { preflight, probePreflight } from '../../src/engine/preflight.js';
+import { probeTools } from '../../src/engine/tools.js';
+import { cli } from '../helpers/cli.js';
+import { processesWith } from '../helpers/processes.js';
 
 function assertGone(p: BootProbe): void {
   assert.ok(p.payload.includes('pipeline-accel-probe-'), p.payload);
-  assert.deepEqual(processesMentioning(p.payload), [], `qemu for ${p.payload} is still running`);
+  assert.deepEqual(processesWith(p.payload), [], `qemu for ${p.payload} is still running`);
   if (p.pid !== undefined) assert.throws(() => process.kill(p.pid!, 0), /ESRCH/);
   assert.equal(existsSync(path.dirname(p.payload)), false, 'probe temp dir was not removed');
 }
@@ -143,6 +131,12 @@ test('tool version memo: warm runs do not spawn the tool, a changed binary is re
     assert.equal(changed!.memo, false);
     assert.equal(runs(), 2);
 
+    // A banner on stderr from a tool that exits non-zero on --version still counts.
+    await writeFile(tool, '#!/bin/sh\necho "faketool 3.0" >&2\nexit 1\n');
+    const [grumpy] = await probeTools(spec, cacheDir, bin);
+    assert.equal(grumpy!.version, 'faketool 3.0');
+    assert.equal(grumpy!.error, undefined);
+
     // A tool that prints nothing gets its content hash, not a shared "unknown".
     await writeFile(tool, '#!/bin/sh\nexit 0\n');
     const [silent] = await probeTools(spec, cacheDir, bin);
@@ -151,4 +145,28 @@ test('tool version memo: warm runs do not spawn the tool, a changed binary is re
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+});
+
+test('runtime packages: dpkg-query finds what is installed, preflight names what is not with the exact apt-get line', async () => {
+  const facts = await probePreflight({ packages: ['dpkg', 'pipeline-fake-pkg-z'], arches: [] });
+  assert.deepEqual(facts.packages, { dpkg: true, 'pipeline-fake-pkg-z': false });
+  const errs = await preflight({
+    tools: [],
+    arches: [],
+    packages: [
+      { apt: 'dpkg', by: 'dpkg-divert' },
+      { apt: 'pipeline-fake-pkg-z', by: 'mmdebstrap' },
+    ],
+  });
+  assert.deepEqual(errs, [{ level: 'error', what: 'pipeline-fake-pkg-z', detail: 'not installed; mmdebstrap needs it', fix: 'apt-get install -y pipeline-fake-pkg-z' }]);
+});
+
+test('`pipeline doctor --apt-packages` prints the derived list, and it is installed here (scripts/setup ran)', async () => {
+  const r = await cli(['doctor', '--apt-packages'], { timeoutMs: 60_000 });
+  assert.equal(r.code, 0, r.stderr);
+  const printed = r.stdout.split('\n').filter(Boolean);
+  const kinds = await loadKinds();
+  assert.deepEqual(printed, aptPackages(kinds.values(), shippedSpecTools(kinds)));
+  const facts = await probePreflight({ packages: printed, arches: [] });
+  assert.deepEqual(Object.entries(facts.packages!).filter(([, ok]) => !ok).map(([p]) => p), [], 'run scripts/setup');
 });

@@ -66,8 +66,9 @@ test('changing only the kernel command line reruns only what is downstream of it
   const changed = text.replace('cmdline: "console=${console} panic=-1"', `cmdline: "console=\${console} panic=-1 test.nonce=${process.pid}"`);
   assert.notEqual(changed, text);
   await fs.writeFile(spec, changed);
-  // The copy must see the same spec-relative overlay.
-  await fs.symlink(path.join(ROOT, 'fixtures', 'os-overlay'), path.join(work, 'os-overlay'));
+  // The copy must see the same spec-relative overlay: a copy (owners, modes kept),
+  // since a spec path may not resolve outside the spec's directory.
+  execFileSync('cp', ['-a', path.join(ROOT, 'fixtures', 'os-overlay'), path.join(work, 'os-overlay')]);
   // History is per spec name and arch, so the copy's explain compares with the fixture's builds.
   const ex = await cli(['explain', 'amd64', 'ipxe', '-f', spec, '--json']);
   assert.equal(ex.code, 0, ex.stderr);

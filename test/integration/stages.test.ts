@@ -7,17 +7,17 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync } from 'node:fs';
-import { copyFile, mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { z } from 'zod';
 import { runProcess } from '../../src/engine/process.js';
+import { runStage } from '../helpers/run-stage.js';
 import { fixtureRootfs } from '../helpers/fixture-rootfs.js';
 import { bootTest, ConsoleScanner, DEFAULT_FORBID } from '../../src/boot/boot.js';
 import type { StageInput, StageModule } from '../../src/stage.js';
 import mmdebstrap, { installedPackages, mmdebstrapArgs, Params as MmParams } from '../../stages/mmdebstrap.js';
 import dracut, { dracutArgs, pickKernel, Params as DrParams } from '../../stages/dracut.js';
-import ipxe, { ipxeScript } from '../../outputs/ipxe.js';
+import ipxe, { ipxeScript, parseIpxeScript } from '../../outputs/ipxe.js';
 
 const SDE = 1704067200;
 
@@ -27,43 +27,10 @@ async function sha256(file: string): Promise<string> {
   return h.digest('hex');
 }
 
-/** Run a stage the way the engine does, minus caching: fresh outDir/workDir. */
-async function runStage<S extends z.ZodType>(
-  mod: StageModule<S>,
-  base: string,
-  rawParams: unknown,
-  inputs: Record<string, StageInput> = {},
-): Promise<StageInput> {
-  const outDir = join(base, 'out');
-  const workDir = join(base, 'work');
-  await mkdir(outDir, { recursive: true });
-  await mkdir(workDir, { recursive: true });
-  let meta: Record<string, unknown> = {};
-  const log: string[] = [];
-  try {
-    await mod.run({
-      name: mod.kind,
-      arch: 'amd64',
-      params: mod.params.parse(rawParams),
-      sourceDateEpoch: SDE,
-      outDir,
-      workDir,
-      inputs,
-      specDir: process.cwd(),
-      signal: new AbortController().signal,
-      exec: (cmd, args, o) => runProcess(cmd, args, { ...o, onOutput: (c) => log.push(c) }),
-      log: (l) => log.push(l + '\n'),
-      setMeta: (m) => {
-        meta = { ...meta, ...m };
-      },
-    });
-  } catch (e) {
-    console.error(log.join('').split('\n').slice(-40).join('\n'));
-    throw e;
-  } finally {
-    await rm(workDir, { recursive: true, force: true });
-  }
-  return { dir: outDir, files: (await readdir(outDir)).sort(), meta, key: base, kind: mod.kind };
+/** Run a stage through the engine's RunContext (test/helpers/run-stage.ts) and hand its output on as an input. */
+async function stage(mod: StageModule, base: string, params: unknown, inputs: Record<string, StageInput> = {}): Promise<StageInput> {
+  const r = await runStage(mod, { params, inputs, sourceDateEpoch: SDE, outDir: join(base, 'out') });
+  return { dir: r.outDir, files: r.files, meta: r.meta, key: base, kind: mod.kind };
 }
 
 test('pure helpers', () => {
@@ -91,6 +58,11 @@ test('pure helpers', () => {
 
   assert.equal(ipxeScript('console=ttyS0'), '#!ipxe\nkernel vmlinuz initrd=initrd.img console=ttyS0\ninitrd initrd.img\nboot\n');
   assert.throws(() => ipxe.params.parse({ cmdline: 'a\nshell' }));
+  // The boot test boots what boot.ipxe says, so the parser reads back what the emitter writes.
+  assert.deepEqual(parseIpxeScript(ipxeScript(' console=ttyS0 quiet ')), { kernel: 'vmlinuz', initrd: 'initrd.img', args: 'initrd=initrd.img console=ttyS0 quiet' });
+  assert.throws(() => parseIpxeScript('#!ipxe\nkernel http://evil/vmlinuz\ninitrd initrd.img\nboot\n'), /not a file in its own directory/);
+  assert.throws(() => parseIpxeScript('#!ipxe\nkernel ../vmlinuz\ninitrd initrd.img\nboot\n'), /not a file in its own directory/);
+  assert.throws(() => parseIpxeScript('kernel vmlinuz\ninitrd initrd.img\n'), /#!ipxe/);
 
   const s = new ConsoleScanner(['OK-1', 'OK-2'], DEFAULT_FORBID);
   s.push('\x1b[0;32mOK-1\x1b[0m\r\nabc');
@@ -122,19 +94,21 @@ test('rootfs -> dracut -> ipxe boots under qemu', { skip: !ready && 'needs root,
     assert.deepEqual(rootfs.files, ['rootfs.tar']);
 
     const dparams = { modules: ['pipeline-test', 'powernode'] };
-    const boot1 = await runStage(dracut, join(base, 'dracut1'), dparams, { rootfs });
+    const boot1 = await stage(dracut, join(base, 'dracut1'), dparams, { rootfs });
     assert.deepEqual(boot1.files, ['initrd.img', 'vmlinuz']);
     assert.match(String(boot1.meta.kernel), /amd64$/);
     // Byte-identical rebuilds are `pipeline repro`'s job (test/integration/repro.test.ts).
 
     const ipxeParams = ipxe.params.parse({ cmdline: 'console=ttyS0 powernode.id=from-cmdline' });
-    const out = await runStage(ipxe, join(base, 'ipxe'), ipxeParams, { boot: boot1 });
+    const out = await stage(ipxe, join(base, 'ipxe'), ipxeParams, { boot: boot1 });
     assert.deepEqual(out.files, ['boot.ipxe', 'initrd.img', 'vmlinuz']);
     assert.match(await readFile(join(out.dir, 'boot.ipxe'), 'utf8'), /^#!ipxe\nkernel vmlinuz initrd=initrd.img console=ttyS0/);
 
     const plans = [ipxe.boot!({ arch: 'amd64', params: ipxeParams, dir: out.dir, workDir: base })].flat();
     assert.equal(plans.length, 2);
     const [direct, net] = plans;
+    // The direct boot takes its command line from the published boot.ipxe, not from params.
+    assert.ok(direct.args.join(' ').includes('-append initrd=initrd.img console=ttyS0 powernode.id=from-cmdline'), direct.args.join(' '));
 
     // Direct boot, with a fw_cfg identity the powernode module must pick over the cmdline one.
     direct.args.push('-fw_cfg', 'name=opt/powernode/identity,string=node-42');
@@ -153,8 +127,14 @@ test('rootfs -> dracut -> ipxe boots under qemu', { skip: !ready && 'needs root,
     });
     assert.ok(r2.ok, `iPXE boot failed: ${r2.reason}\n${r2.logTail}`);
 
-    // A forbidden pattern fails the test at once: no root and pipeline.test=0 ends in emergency mode.
-    const bad = [ipxe.boot!({ arch: 'amd64', params: { cmdline: 'console=ttyS0 pipeline.test=0 root=/dev/nonexistent rd.retry=1 rd.timeout=5' }, dir: out.dir, workDir: base })].flat()[0];
+    // A forbidden pattern fails the test at once: no root and pipeline.test=0 ends in
+    // emergency mode. boot() boots what boot.ipxe says, so the bad line goes there
+    // (in a copy of the bundle); the params it gets are the good ones.
+    const badDir = join(base, 'ipxe-bad');
+    await mkdir(badDir);
+    for (const f of out.files) await copyFile(join(out.dir, f), join(badDir, f));
+    await writeFile(join(badDir, 'boot.ipxe'), ipxeScript('console=ttyS0 pipeline.test=0 root=/dev/nonexistent rd.retry=1 rd.timeout=5'));
+    const bad = [ipxe.boot!({ arch: 'amd64', params: ipxeParams, dir: badDir, workDir: base })].flat()[0];
     const r3 = await bootTest(bad, { expect: ['PIPELINE-BOOT-OK'], forbid: DEFAULT_FORBID, timeoutMs: 300_000 });
     assert.equal(r3.ok, false);
     assert.deepEqual(r3.missing, ['PIPELINE-BOOT-OK']);

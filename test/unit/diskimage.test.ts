@@ -136,9 +136,10 @@ test('debugfs time script pins atime/ctime, clamps mtime, refuses unquotable nam
 });
 
 test('command lines and tool arguments', () => {
-  assert.equal(rawCmdline('u-1', ' quiet '), 'root=UUID=u-1 rw console=ttyS0 quiet');
-  assert.equal(rawCmdline('u-1', ''), 'root=UUID=u-1 rw console=ttyS0');
-  assert.equal(liveCmdline('L', ''), 'root=live:CDLABEL=L rd.live.image rd.live.overlay.overlayfs=1 console=ttyS0');
+  // `cmdline` is the whole command line: the disk emitters add only what names their root.
+  assert.equal(rawCmdline('u-1', ' console=ttyS0 quiet '), 'root=UUID=u-1 rw console=ttyS0 quiet');
+  assert.equal(rawCmdline('u-1', ''), 'root=UUID=u-1 rw');
+  assert.equal(liveCmdline('L', 'console=ttyS0'), 'root=live:CDLABEL=L rd.live.image rd.live.overlay.overlayfs=1 console=ttyS0');
   assert.equal(isoLabel('live-abc'), 'LIVE_ABC');
   const q = convertArgs(QcowParams.parse({}), 'in', 'out');
   assert.ok(q.includes('-c') && !q.includes('-W'));

@@ -1,17 +1,17 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { z } from 'zod';
-import { aptInstallLine, assessHost, formatDoctor, knownTools, type Finding, type Needs } from '../../src/doctor/doctor.js';
-import {
-  bootSector,
-  firstMeaningfulLine,
-  parseBinfmtEntry,
-  PROBE_MARKER,
-  PROBE_REAL_MARKER,
-  type BootProbe,
-  type HostFacts,
-} from '../../src/doctor/probe.js';
-import { defineStage } from '../../src/stage.js';
+import { aptPackages, assessHost, doctorNeeds, formatDoctor, knownTools, shippedSpecTools } from '../../src/doctor/doctor.js';
+import { bootSector, PROBE_MARKER, PROBE_REAL_MARKER, type BootProbe, type HostFacts } from '../../src/doctor/probe.js';
+import { loadKinds } from '../../src/engine/kinds.js';
+import { parseBinfmtEntry, parseDpkgQuery, type Finding, type Needs } from '../../src/engine/preflight.js';
+import { aptInstallLine, firstMeaningfulLine, runtimePackages } from '../../src/engine/tools.js';
+import { ARCHES, defineStage, hostArch, type ToolSpec } from '../../src/stage.js';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
 function probe(accel: 'kvm' | 'tcg', ok: boolean, extra: Partial<BootProbe> = {}): BootProbe {
   return {
@@ -249,4 +249,114 @@ test('knownTools collects tools from kinds whose params have defaults, plus qemu
   const names = (arches: ('amd64' | 'arm64')[]) => knownTools([withDefaults, required], arches).map((t) => t.name);
   assert.deepEqual(names(['amd64']), ['qemu-system-x86_64', 'tar']);
   assert.deepEqual(names(['arm64']), ['qemu-aarch64-static', 'qemu-system-aarch64']);
+});
+
+test('knownTools merges a tool\'s runtime packages over arches', () => {
+  const k = defineStage({
+    kind: 'c',
+    version: '1',
+    summary: '',
+    params: z.object({}),
+    inputs: [],
+    tools: (_p, arch) => [{ name: 'mmdebstrap', apt: 'mmdebstrap', ...(arch === 'arm64' ? { packages: ['arch-test'] } : {}) }],
+    run: async () => {},
+  });
+  assert.deepEqual(knownTools([k], ['arm64', 'amd64']).find((t) => t.name === 'mmdebstrap')?.packages, ['arch-test']);
+  assert.deepEqual(knownTools([k], ['amd64', 'arm64']).find((t) => t.name === 'mmdebstrap')?.packages, ['arch-test']);
+  assert.equal(knownTools([k], ['amd64']).find((t) => t.name === 'mmdebstrap')?.packages, undefined);
+  assert.deepEqual(aptPackages([k]), ['arch-test', 'mmdebstrap']);
+});
+
+test('parseDpkgQuery keeps only installed packages', () => {
+  const out = parseDpkgQuery('arch-test\tdeinstall ok config-files\ntar\tinstall ok installed\nmmdebstrap\tinstall ok installed\n\nbroken\n');
+  assert.deepEqual([...out].sort(), ['mmdebstrap', 'tar']);
+});
+
+test('a missing runtime package is an error with the exact apt-get line, shared with missing tools', () => {
+  const need = { apt: 'arch-test', by: 'mmdebstrap' };
+  const fs = assessHost(facts({ packages: { 'arch-test': false } }), needs({ packages: [need] }));
+  const e = find(fs, 'arch-test')!;
+  assert.equal(e.level, 'error');
+  assert.equal(e.detail, 'not installed; mmdebstrap needs it');
+  assert.equal(e.fix, 'apt-get install -y arch-test');
+  assert.match(formatDoctor(fs), /^✗ arch-test: not installed; mmdebstrap needs it — apt-get install -y arch-test$/m);
+  assert.equal(find(assessHost(facts({ packages: { 'arch-test': true } }), needs({ packages: [need] })), 'arch-test')!.level, 'ok');
+
+  // A missing tool and a missing package: one line for both.
+  const mk = { name: 'mkcomposefs', apt: 'composefs' };
+  const both = assessHost(facts({ tools: [...facts().tools, mk], packages: { 'arch-test': false } }), needs({ tools: [MMDEB, mk], packages: [need] }));
+  assert.deepEqual(errors(both).map((f) => [f.what, f.fix]), [
+    ['mkcomposefs', 'apt-get install -y arch-test composefs'],
+    ['arch-test', 'apt-get install -y arch-test composefs'],
+  ]);
+  // Without dpkg-query nothing is claimed missing.
+  assert.equal(find(assessHost(facts(), needs({ packages: [need] })), 'arch-test')!.level, 'warn');
+});
+
+test('doctor: arch-test is required once this host runs arm64 binaries, a warning before', async (t) => {
+  if (hostArch() !== 'amd64') return t.skip('the facts below describe an amd64 host');
+  const kinds = (await loadKinds()).values();
+  const all = [...kinds];
+  const pkgs = Object.fromEntries(runtimePackages(knownTools(all)).map((p) => [p.apt, p.apt !== 'arch-test']));
+  const f = facts({ packages: pkgs });
+  const fs = assessHost(f, doctorNeeds(all, f));
+  const a = find(fs, 'arch-test')!;
+  assert.equal(a.level, 'error', 'the fresh-machine bug: doctor said all green, the arm64 build died on arch-test');
+  assert.equal(a.fix, 'apt-get install -y arch-test');
+  assert.equal(find(fs, 'binfmt-support')!.level, 'ok');
+
+  // No arm64 emulation yet: arm64 is not buildable here, so its package is only a warning.
+  const off = facts({
+    packages: pkgs,
+    binfmt: { mounted: true, enabled: true, updateBinfmts: true, entries: { arm64: { name: 'qemu-aarch64', registered: false, enabled: false, installed: false } } },
+  });
+  assert.equal(find(assessHost(off, doctorNeeds(all, off)), 'arch-test')!.level, 'warn');
+});
+
+test('the apt list covers every ToolSpec.apt and ToolSpec.packages of every kind for both arches', async () => {
+  const kinds = await loadKinds();
+  const list = new Set(aptPackages(kinds.values()));
+  let checked = 0;
+  for (const mod of kinds.values()) {
+    // A kind with required params is asked with none: what it runs whatever the spec says.
+    const parsed = mod.params.safeParse({});
+    for (const arch of ARCHES) {
+      if (mod.arches && !mod.arches.includes(arch)) continue;
+      let tools: ToolSpec[];
+      try {
+        tools = mod.tools((parsed.success ? parsed.data : {}) as never, arch);
+      } catch (e) {
+        assert.fail(`${mod.kind}: tools() throws without params (${(e as Error).message}); the apt list cannot see what it runs`);
+      }
+      for (const tool of tools) {
+        for (const p of [tool.apt, ...(tool.packages ?? [])]) {
+          assert.ok(list.has(p), `${mod.kind} (${arch}) needs ${p} for ${tool.name}, missing from the apt list`);
+          checked++;
+        }
+      }
+    }
+  }
+  assert.ok(checked > 20, `only ${checked} packages checked`);
+  // What the fresh Debian 12 machine lacked, and the GRUB platform files the disk emitters read.
+  const foreign = hostArch() === 'amd64' ? ['arch-test', 'binfmt-support', 'qemu-user-static'] : [];
+  for (const p of [...foreign, 'mmdebstrap', 'grub-pc-bin', 'grub-efi-amd64-bin']) assert.ok(list.has(p), p);
+  // Tools only some params bring in come from the shipped specs' own stages.
+  const withSpecs = new Set(aptPackages(kinds.values(), shippedSpecTools(kinds)));
+  for (const p of list) assert.ok(withSpecs.has(p), p);
+  for (const t of shippedSpecTools(kinds)) assert.ok(withSpecs.has(t.apt), `${t.name} (${t.apt}) from a shipped spec`);
+});
+
+test('scripts/setup installs the derived list plus a separate test list', () => {
+  const setup = readFileSync(path.join(ROOT, 'scripts/setup'), 'utf8');
+  assert.match(setup, /doctor --apt-packages/);
+  assert.match(setup, /scripts\/apt-packages-test\.txt/);
+  // npm ci must come first: the derived list comes from the compiled CLI.
+  assert.ok(setup.indexOf('npm ci') < setup.indexOf('doctor --apt-packages'));
+  const testList = readFileSync(path.join(ROOT, 'scripts/apt-packages-test.txt'), 'utf8')
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l && !l.startsWith('#'));
+  for (const p of testList) assert.match(p, /^[a-z0-9][a-z0-9+.-]+$/);
+  assert.equal(new Set(testList).size, testList.length, 'duplicate in the test list');
+  for (const p of ['qemu-system-x86', 'qemu-system-arm', 'ovmf', 'skopeo', 'umoci', 'docker-registry']) assert.ok(testList.includes(p), p);
 });

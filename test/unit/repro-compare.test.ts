@@ -11,7 +11,6 @@ import {
   diffFiles,
   diffImageFiles,
   diffTarMembers,
-  firstDifference,
   formatReport,
   listTarMembers,
   type FileSummary,
@@ -213,13 +212,6 @@ test('diffTarMembers caps the listed members but counts them all', async () => {
   assert.equal(d.differing, 30);
   assert.equal(d.members.length, 5);
   assert.deepEqual(d.attrCounts, { mtime: 30 });
-});
-
-test('firstDifference', () => {
-  assert.equal(firstDifference(Buffer.from('abcdef'), Buffer.from('abcXef')), 3);
-  assert.equal(firstDifference(Buffer.from('abc'), Buffer.from('abc')), -1);
-  assert.equal(firstDifference(Buffer.from('abc'), Buffer.from('abcd')), -1);
-  assert.equal(firstDifference(Buffer.alloc(0), Buffer.from('a')), -1);
 });
 
 test('diffImageFiles: content, mode, mtime, extra files; ignored paths are marked', () => {

@@ -112,11 +112,13 @@ variants:
   assert.equal(rep.max, 2, 'a light stage still runs beside the heavy one');
 });
 
+// The sleep records its pid as the host sees it (/proc is the host's): $! would be
+// its pid inside the stage's PID namespace (src/engine/process.ts).
 const FAIL = (pidFile: string) => `name: f
 arches: [amd64]
 stages:
   bad: { kind: shell, with: { script: "echo partial > $1/half; echo about to fail; sleep 0.3; exit 3" } }
-  slow: { kind: shell, with: { script: "sleep 100 & echo $! > ${pidFile}; echo started > $1/x; wait" } }
+  slow: { kind: shell, with: { script: "(read pid _ < /proc/self/stat; echo $pid > ${pidFile}; exec sleep 100) & echo started > $1/x; wait" } }
   j: { kind: concat, inputs: { a: bad, b: slow } }
 variants:
   v: [j]

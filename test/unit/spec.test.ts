@@ -59,7 +59,7 @@ test('duplicate keys are reported where the duplicate stands', () => {
 test('wrong type points at the value', () => {
   const e = errors(GOOD.replace('arches: [amd64, arm64]', 'arches: amd64'));
   assert.deepEqual([e[0]!.line, e[0]!.col, e[0]!.path], [2, 9, 'arches']);
-  assert.match(e[0]!.message, /expected array/);
+  assert.match(e[0]!.message, /^expected an array of .*, found a string \("amd64"\)$/);
 });
 
 test('unknown top-level key points at the key', () => {
@@ -103,7 +103,7 @@ test('bad stage param is located in the with block, per arch override', () => {
   const e = errors(GOOD.replace('arm64: { with: { content: b-arm } }', 'arm64: { with: { content: 42 } }'));
   assert.equal(e.length, 1);
   assert.equal(e[0]!.line, 14);
-  assert.match(e[0]!.message, /expected string.*\(arch arm64\)/);
+  assert.match(e[0]!.message, /^expected a string, found a number \(42\) \(arch arm64\)$/);
 });
 
 test('missing required param', () => {

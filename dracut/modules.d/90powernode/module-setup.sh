@@ -11,8 +11,14 @@
 # (/run survives switch_root, so the agent reads it post-pivot). It logs what it
 # found to the kernel log. Finding nothing is logged and is not an error: the
 # module never stops a boot. Cloud IMDS is not tried here because the network is
-# not up at this point; the agent does that after pivot. Composefs/overlay
-# assembly from the Powernode design is not implemented in this module.
+# not up at this point; the agent does that after pivot.
+#
+# Verified root (powernode-composefs.sh, pre-pivot): when the command line has
+# composefs=<fs-verity digest of image.cfs>, the partition dracut mounted from
+# root= is only the store; the module checks the image with fs-verity, mounts it
+# (EROFS) with its layers and the object store under an overlay with
+# verity=require, and that becomes the root. Any failure stops the boot with one
+# "powernode: verified root refused: ..." line. Without composefs= it does nothing.
 
 # Opt-in only (--add powernode).
 check() {
@@ -26,11 +32,18 @@ depends() {
 installkernel() {
     # fw_cfg sysfs interface (built as a module in Debian kernels).
     hostonly='' instmods qemu_fw_cfg
+    # composefs root: EROFS images on loop devices, overlayfs; ext4 for the store.
+    hostonly='' instmods erofs overlay loop ext4
 }
 
 install() {
     inst_hook pre-udev 40 "$moddir/powernode-identity.sh"
     inst_multiple -o modprobe tr head
+    inst_hook pre-pivot 50 "$moddir/powernode-composefs-hook.sh"
+    inst_script "$moddir/powernode-composefs.sh" /usr/bin/powernode-composefs
+    # fsverity (package fsverity) is needed only for a composefs root; the script
+    # refuses the boot with a clear line if it is missing.
+    inst_multiple -o fsverity grep mountpoint mount umount
     if [ -f "${dracutsysrootdir-}/etc/powernode/local-id" ]; then
         inst_simple /etc/powernode/local-id
     fi

@@ -1,15 +1,19 @@
 // The CLI's contract for bad input: exit code 2, a located message, nothing written.
+// Runs bin/pipeline.js (needs dist/) against the shared test cache, so it is an integration test.
 import assert from 'node:assert/strict';
 import { existsSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { cli, ROOT } from '../helpers/cli.js';
 
 const FIXTURE = path.join(ROOT, 'fixtures', 'minimal.yaml');
 
-async function tmp(): Promise<string> {
-  return fs.mkdtemp(path.join(os.tmpdir(), 'pipeline-cli-'));
+/** A scratch dir removed after the test, pass or fail. */
+async function tmp(t: TestContext): Promise<string> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'pipeline-cli-'));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  return dir;
 }
 
 test('validate accepts the shipped specs', async () => {
@@ -20,8 +24,8 @@ test('validate accepts the shipped specs', async () => {
   }
 });
 
-test('a spec error exits 2 with file:line:col and writes nothing', async () => {
-  const dir = await tmp();
+test('a spec error exits 2 with file:line:col and writes nothing', async (t) => {
+  const dir = await tmp(t);
   const bad = (await fs.readFile(FIXTURE, 'utf8')).replace('kind: dracut', 'kind: dracutt');
   await fs.writeFile(path.join(dir, 'bad.yaml'), bad);
   const cache = path.join(dir, 'cache');

@@ -1,0 +1,175 @@
+// Host tools a build runs: where they are, their versions (part of every cache key,
+// memoised by binary identity so a warm build spawns nothing), and the Debian
+// packages that provide them. Used by the build and by `pipeline doctor`.
+import { constants as fsc, promises as fs } from 'node:fs';
+import path from 'node:path';
+import { sha256File } from '../lib/digest.js';
+import type { ToolSpec } from '../stage.js';
+import { writeAtomic } from './cache.js';
+import { spawnProcess } from './process.js';
+
+export interface ToolFact {
+  name: string;
+  apt: string;
+  /** Where it was found on PATH; undefined when missing. */
+  path?: string;
+  /** Version line (or a content hash when the tool prints none). */
+  version?: string;
+  /** False when the tool printed nothing usable and the hash stands in. */
+  versionKnown?: boolean;
+  /** Running `<tool> <versionArgs>` failed (timeout, could not start). */
+  error?: string;
+  /** The version came from the memo without spawning the tool. */
+  memo?: boolean;
+}
+
+/** One apt-get line for every missing tool or package: packages deduplicated and sorted. */
+export function aptInstallLine(missing: { apt: string }[]): string {
+  return `apt-get install -y ${[...new Set(missing.map((t) => t.apt))].sort().join(' ')}`;
+}
+
+/** A Debian package a tool needs at run time besides its own (ToolSpec.packages), and which tool. */
+export interface PackageNeed {
+  apt: string;
+  /** The tool that needs it, for the message. */
+  by: string;
+}
+
+/** The runtime-only packages of these tools, one entry per package, sorted. */
+export function runtimePackages(tools: ToolSpec[]): PackageNeed[] {
+  const out = new Map<string, PackageNeed>();
+  for (const t of tools) for (const p of t.packages ?? []) if (!out.has(p)) out.set(p, { apt: p, by: t.name });
+  return [...out.values()].sort((a, b) => (a.apt < b.apt ? -1 : a.apt > b.apt ? 1 : 0));
+}
+
+/** The first line that looks like a version (has a digit), else the first non-empty line. */
+export function firstMeaningfulLine(text: string): string | undefined {
+  const lines = text
+    .replace(/\x1b\[[0-9;]*m/g, '')
+    .split(/\r?\n/)
+    .map((l) => l.trim())
+    .filter((l) => l.length > 0);
+  const line = lines.find((l) => /\d/.test(l)) ?? lines[0];
+  return line === undefined ? undefined : line.slice(0, 200);
+}
+
+export async function findOnPath(name: string, pathEnv = process.env.PATH ?? ''): Promise<string | undefined> {
+  const candidates = name.includes('/') ? [name] : pathEnv.split(':').filter(Boolean).map((d) => path.join(d, name));
+  for (const c of candidates) {
+    try {
+      const st = await fs.stat(c);
+      if (!st.isFile()) continue;
+      await fs.access(c, fsc.X_OK);
+      return c;
+    } catch {
+      // not here
+    }
+  }
+  return undefined;
+}
+
+// ---------------------------------------------------------------------------
+// Tool versions, memoised by binary identity
+
+interface MemoEntry {
+  /** realpath, size, mtime, ctime, inode, device, version args: any change means a new binary. */
+  stamp: string;
+  version: string;
+  versionKnown: boolean;
+}
+type Memo = Record<string, MemoEntry>;
+
+const MEMO_FORMAT = 'tool-versions/1';
+
+function memoFile(cacheDir: string): string {
+  return path.join(cacheDir, 'host', 'tool-versions.json');
+}
+
+async function readMemo(cacheDir: string | undefined): Promise<Memo> {
+  if (!cacheDir) return {};
+  try {
+    const j = JSON.parse(await fs.readFile(memoFile(cacheDir), 'utf8')) as { format?: string; entries?: Memo };
+    return j.format === MEMO_FORMAT && j.entries ? j.entries : {};
+  } catch {
+    return {};
+  }
+}
+
+async function stampOf(real: string, args: string[]): Promise<string> {
+  // ctime catches an in-place rewrite that kept size and mtime (cp --preserve, touch -r).
+  const st = await fs.stat(real, { bigint: true });
+  return JSON.stringify([real, String(st.size), String(st.mtimeNs), String(st.ctimeNs), String(st.ino), String(st.dev), args]);
+}
+
+/**
+ * Find each tool on PATH and read its version. A memo in cacheDir keyed by the
+ * binary's identity means a warm build spawns nothing; any change to the binary
+ * (new inode, size, mtime or ctime) reads the version again. Failures (timeouts,
+ * spawn errors) are never memoised.
+ */
+export async function probeTools(tools: ToolSpec[], cacheDir?: string, pathEnv?: string): Promise<ToolFact[]> {
+  const unique = new Map<string, ToolSpec>();
+  for (const t of tools) unique.set(t.name, t);
+  const memo = await readMemo(cacheDir);
+  let dirty = false;
+  const facts = await Promise.all(
+    [...unique.values()].map(async (t): Promise<ToolFact> => {
+      const found = await findOnPath(t.name, pathEnv);
+      if (!found) return { name: t.name, apt: t.apt };
+      const args = t.versionArgs ?? ['--version'];
+      let real: string;
+      let stamp: string;
+      try {
+        real = await fs.realpath(found);
+        stamp = await stampOf(real, args);
+      } catch (e) {
+        return { name: t.name, apt: t.apt, path: found, error: `cannot stat: ${(e as Error).message}` };
+      }
+      const key = `${real}\0${JSON.stringify(args)}`;
+      const hit = memo[key];
+      if (hit && hit.stamp === stamp) {
+        return { name: t.name, apt: t.apt, path: found, version: hit.version, versionKnown: hit.versionKnown, memo: true };
+      }
+      const r = await spawnProcess(found, args, { capture: true, timeoutMs: 15000, env: { LC_ALL: 'C' } });
+      if (r.spawnError || r.timedOut) return { name: t.name, apt: t.apt, path: found, error: r.spawnError ?? `\`${t.name} ${args.join(' ')}\` timed out` };
+      // Some tools print their banner on stderr, some exit non-zero on --version.
+      let version = firstMeaningfulLine(r.stdout) ?? firstMeaningfulLine(r.stderr);
+      let versionKnown = true;
+      if (version === undefined) {
+        // Nothing to read: the binary's content hash keeps cache keys honest.
+        version = `unknown (sha256:${await sha256File(real)})`;
+        versionKnown = false;
+      }
+      // Re-stat: if the binary changed while we ran it, do not memoise a mixed result.
+      if ((await stampOf(real, args).catch(() => '')) === stamp) {
+        memo[key] = { stamp, version, versionKnown };
+        dirty = true;
+      }
+      return { name: t.name, apt: t.apt, path: found, version, versionKnown, memo: false };
+    }),
+  );
+  if (dirty && cacheDir) {
+    // Merge with what another process may have written meanwhile; ours wins per key.
+    const latest = await readMemo(cacheDir);
+    await fs.mkdir(path.dirname(memoFile(cacheDir)), { recursive: true });
+    await writeAtomic(memoFile(cacheDir), JSON.stringify({ format: MEMO_FORMAT, entries: { ...latest, ...memo } }, null, 1) + '\n');
+  }
+  return facts.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+}
+
+/** Versions for compile's cache keys, plus what is missing or unreadable. */
+export async function toolVersions(
+  tools: ToolSpec[],
+  cacheDir?: string,
+): Promise<{ versions: Record<string, string>; missing: ToolSpec[]; failed: ToolFact[] }> {
+  const facts = await probeTools(tools, cacheDir);
+  const versions: Record<string, string> = {};
+  const missing: ToolSpec[] = [];
+  const failed: ToolFact[] = [];
+  for (const f of facts) {
+    if (!f.path) missing.push({ name: f.name, apt: f.apt });
+    else if (f.error || f.version === undefined) failed.push(f);
+    else versions[f.name] = f.version;
+  }
+  return { versions, missing, failed };
+}
