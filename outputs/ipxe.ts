@@ -4,7 +4,7 @@ import { readFileSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage, StageError } from '../src/stage.js';
+import { ARCH, defineStage, StageError } from '../src/stage.js';
 import { directKernelBoot } from '../src/boot/boot.js';
 import { copyKernelInitrd, joinCmdline, kernelCmdline } from './_boot.js';
 
@@ -69,12 +69,13 @@ export default defineStage({
     // AAVMF, and Debian bookworm's ipxe/ipxe-qemu ship x86 binaries only
     // (ipxe.efi, snponly.efi are x86-64 PE). The direct boot covers the kernel,
     // initramfs and the cmdline that boot.ipxe carries.
-    if (ctx.arch === 'amd64') {
+    if (ARCH[ctx.arch].qemuIpxeRom) {
       // The real consumer: the NIC's iPXE ROM (ipxe-qemu) gets boot.ipxe from qemu's
       // built-in DHCP/TFTP (user-mode netdev, no host networking) and follows it.
       plans.push({
-        qemu: 'qemu-system-x86_64',
+        qemu: ARCH[ctx.arch].qemuSystem.name,
         args: [
+          ...ARCH[ctx.arch].qemuMachine,
           '-netdev',
           // qemu option syntax: a literal comma in a value is written ',,'.
           `user,id=n0,tftp=${ctx.dir.replace(/,/g, ',,')},bootfile=boot.ipxe`,

@@ -15,6 +15,8 @@
 //  - El Torito entry 2 (UEFI): a small FAT image holding EFI/BOOT/BOOTX64.EFI,
 //    also appended as GPT partition 2 (an ESP) for UEFI disk boot.
 //  - MBR: GRUB's boot_hybrid.img, pointed at the El Torito image (BIOS disk boot).
+// arm64 (UEFI only): one El Torito entry, a FAT image holding systemd-boot from the
+// rootfs (as for raw) with its entry, the kernel and the initrd; no MBR code.
 // Reproducibility: xorriso under SOURCE_DATE_EPOCH fixes volume dates, the volume
 // UUID and the GPT GUIDs; all staged files are stamped with the epoch; mksquashfs
 // is reproducible by design with -mkfs-time; the FAT image comes from mtools with
@@ -22,11 +24,11 @@
 import { copyFile, mkdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage, type BootPlan, type RunContext } from '../src/stage.js';
+import { ARCH, defineStage, type BootPlan, type RunContext } from '../src/stage.js';
 import { alignUp, deriveFatSerial, GPT_TYPE, grubConfig, grubEarlyConfig, isoLabel, MiB } from '../src/lib/diskimage.js';
-import { buildFat, grubImage, stampTree } from '../src/lib/diskbuild.js';
+import { buildFat, grubImage, stampTree, type FatFile } from '../src/lib/diskbuild.js';
 import { joinCmdline, kernelCmdline } from './_boot.js';
-import { diskInputs, firmwarePlans, GrubCmdline, virtioDisk, type DiskBootContext } from './_disk.js';
+import { diskInputs, firmwareName, firmwarePlans, GrubCmdline, systemdBootEspFiles, virtioDisk, type DiskBootContext } from './_disk.js';
 
 export const Params = z
   .object({
@@ -52,7 +54,25 @@ export function squashfsArgs(tree: string, out: string, p: IsoParams, epoch: num
   return [tree, out, '-noappend', ...comp, '-mkfs-time', String(epoch), '-no-progress', '-quiet'];
 }
 
-export function xorrisoArgs(o: { out: string; label: string; staging: string; efiImg: string }): string[] {
+export function xorrisoArgs(o: { out: string; label: string; staging: string; efiImg: string; bios?: boolean }): string[] {
+  if (o.bios === false) {
+    // UEFI only (arm64): one El Torito entry, the FAT image, also appended as the
+    // GPT ESP so the ISO boots written to a USB stick too.
+    return [
+      '-as', 'mkisofs',
+      '-iso-level', '3',
+      '-rational-rock',
+      '-volid', o.label,
+      '-output', o.out,
+      '-partition_offset', '16',
+      '-append_partition', '2', GPT_TYPE.esp, o.efiImg,
+      '-appended_part_as_gpt',
+      '-eltorito-catalog', 'boot/boot.cat',
+      '-e', '--interval:appended_partition_2:all::',
+      '-no-emul-boot',
+      o.staging,
+    ];
+  }
   return [
     '-as', 'mkisofs',
     '-iso-level', '3',
@@ -91,27 +111,45 @@ async function buildIso(ctx: RunContext<IsoParams>): Promise<void> {
     env: { SOURCE_DATE_EPOCH: undefined },
   });
 
-  const early = grubEarlyConfig({ label });
-  await grubImage(ctx, 'i386-pc-eltorito', join(staging, 'boot', 'grub', 'eltorito.img'), early, w);
-  const efiBin = join(w, 'BOOTX64.EFI');
-  await grubImage(ctx, 'x86_64-efi', efiBin, early, w);
   const cmdline = liveCmdline(label, kernelCmdline(ctx.arch, p.cmdline));
-  await writeFile(join(staging, 'boot', 'grub', 'grub.cfg'), grubConfig({ title: 'Linux (live)', kernel: '/boot/vmlinuz', initrd: '/boot/initrd.img', cmdline }, p.timeout));
-  await copyFile(vmlinuz, join(staging, 'boot', 'vmlinuz'));
-  await copyFile(initrd, join(staging, 'boot', 'initrd.img'));
+  const bios = ARCH[ctx.arch].firmwares.includes('bios');
+  let efiFiles: FatFile[];
+  if (bios) {
+    // amd64: GRUB reads kernel, initrd and grub.cfg from the ISO 9660 tree.
+    const early = grubEarlyConfig({ label });
+    await grubImage(ctx, 'i386-pc-eltorito', join(staging, 'boot', 'grub', 'eltorito.img'), early, w);
+    const efiBin = join(w, ARCH[ctx.arch].efi.removable);
+    await grubImage(ctx, ARCH[ctx.arch].efi.grubTarget, efiBin, early, w);
+    await writeFile(join(staging, 'boot', 'grub', 'grub.cfg'), grubConfig({ title: 'Linux (live)', kernel: '/boot/vmlinuz', initrd: '/boot/initrd.img', cmdline }, p.timeout));
+    await copyFile(vmlinuz, join(staging, 'boot', 'vmlinuz'));
+    await copyFile(initrd, join(staging, 'boot', 'initrd.img'));
+    efiFiles = [{ src: efiBin, dest: `/EFI/BOOT/${ARCH[ctx.arch].efi.removable}` }];
+  } else {
+    // UEFI only (arm64): systemd-boot from the rootfs reads only its own FAT image,
+    // so kernel, initrd and the loader entry live in the El Torito image.
+    efiFiles = await systemdBootEspFiles({ arch: ctx.arch, tree, workDir: w, vmlinuz, initrd, title: 'Linux (live)', cmdline, timeout: p.timeout });
+  }
 
   const efiImg = join(w, 'efi.img');
-  const efiBytes = Math.max(4 * MiB, alignUp((await stat(efiBin)).size + MiB, MiB));
-  await buildFat(ctx, { image: efiImg, bytes: efiBytes, serial: deriveFatSerial(seed, 'iso-efi'), label: 'EFIBOOT', hiddenSectors: 0, fat32: false, files: [{ src: efiBin, dest: '/EFI/BOOT/BOOTX64.EFI' }], staging: join(w, 'fat-staging') });
+  let efiContent = 0;
+  for (const f of efiFiles) efiContent += (await stat(f.src)).size;
+  // Slack for FAT metadata; the kernel and initrd need more than GRUB's one binary.
+  const efiBytes = Math.max(4 * MiB, alignUp((bios ? efiContent : Math.ceil(efiContent * 1.05)) + MiB, MiB));
+  await buildFat(ctx, { image: efiImg, bytes: efiBytes, serial: deriveFatSerial(seed, 'iso-efi'), label: 'EFIBOOT', hiddenSectors: 0, fat32: efiBytes > 256 * MiB, files: efiFiles, staging: join(w, 'fat-staging') });
 
   await stampTree(staging, epoch);
   const iso = join(ctx.outDir, 'live.iso');
-  await ctx.exec('xorriso', xorrisoArgs({ out: iso, label, staging, efiImg }), { env: { SOURCE_DATE_EPOCH: String(epoch), TZ: 'UTC' } });
+  await ctx.exec('xorriso', xorrisoArgs({ out: iso, label, staging, efiImg, bios }), { env: { SOURCE_DATE_EPOCH: String(epoch), TZ: 'UTC' } });
   ctx.setMeta({ kernel: ctx.inputs.boot!.meta.kernel, cmdline, label, size: (await stat(iso)).size });
 }
 
 export function isoBootPlans(ctx: DiskBootContext): BootPlan[] {
   const iso = join(ctx.dir, 'live.iso').replace(/,/g, ',,');
+  if (!ARCH[ctx.arch].firmwares.includes('bios')) {
+    // virt has no IDE: the CD sits on virtio-scsi. One boot per firmware (TCG is slow).
+    const scsiCd = ['-device', 'virtio-scsi-pci,id=scsi0', '-drive', `if=none,id=cd0,file=${iso},format=raw,media=cdrom,readonly=on`, '-device', 'scsi-cd,bus=scsi0.0,drive=cd0,bootindex=0'];
+    return firmwarePlans(ctx, [{ firmware: 'uefi', args: scsiCd, label: `iso as CD (${firmwareName(ctx.arch, 'uefi')})` }]);
+  }
   const cd = ['-drive', `if=none,id=cd0,file=${iso},format=raw,media=cdrom,readonly=on`, '-device', 'ide-cd,drive=cd0,bootindex=0'];
   const usb = ['-device', 'qemu-xhci', '-drive', `if=none,id=stick,file=${iso},format=raw,snapshot=on`, '-device', 'usb-storage,drive=stick,bootindex=0'];
   return firmwarePlans(ctx, [
@@ -129,18 +167,18 @@ export default defineStage({
   summary: 'hybrid BIOS+UEFI live ISO (GRUB, squashfs rootfs via dracut dmsquash-live)',
   params: Params,
   inputs: ['rootfs', 'boot'],
-  arches: ['amd64'],
   // The rootfs is unpacked with its owners and device nodes (squashfs keeps them).
   requires: ['root'],
   // Not heavy: the emitters fed by one rootfs are meant to run side by side
-  // (each unpacks its own copy; no chroot, no network).
-  tools: () => [
+  // (they share one read-only unpacked rootfs, see RunContext.rootfsTree; no chroot, no network).
+  tools: (_p, arch) => [
     { name: 'tar', apt: 'tar' },
     { name: 'mksquashfs', apt: 'squashfs-tools', versionArgs: ['-version'] },
     { name: 'xorriso', apt: 'xorriso' },
     { name: 'mformat', apt: 'mtools' },
     // grub-mkimage reads the platform modules from /usr/lib/grub/{i386-pc,x86_64-efi}.
-    { name: 'grub-mkimage', apt: 'grub-common', packages: ['grub-pc-bin', 'grub-efi-amd64-bin'] },
+    // UEFI-only arches boot systemd-boot from the rootfs instead.
+    ...(ARCH[arch].firmwares.includes('bios') ? [{ name: 'grub-mkimage', apt: 'grub-common', packages: ['grub-pc-bin', 'grub-efi-amd64-bin'] }] : []),
   ],
   run: buildIso,
   boot: isoBootPlans,

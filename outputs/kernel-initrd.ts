@@ -1,4 +1,7 @@
-// Kernel + initramfs published as-is, for direct kernel boot (qemu -kernel/-initrd).
+// Kernel + initramfs published as-is, for direct kernel boot (qemu -kernel/-initrd),
+// with the command line to pass them in `cmdline` (what `pipeline test` boots with).
+import { readFileSync } from 'node:fs';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { defineStage } from '../src/stage.js';
@@ -14,22 +17,22 @@ export const Params = z
 
 export default defineStage({
   kind: 'kernel-initrd',
-  version: '1',
-  summary: 'vmlinuz + initrd.img for direct kernel boot',
+  // 2: publishes `cmdline`, so the boot test boots what was published.
+  version: '2',
+  summary: 'vmlinuz + initrd.img + cmdline for direct kernel boot',
   params: Params,
   inputs: ['boot'],
   tools: () => [],
   async run(ctx) {
     await copyKernelInitrd(ctx);
+    await writeFile(join(ctx.outDir, 'cmdline'), kernelCmdline(ctx.arch, ctx.params.cmdline) + '\n', { mode: 0o644 });
   },
   boot(ctx) {
-    // The bundle carries no command line of its own (a file for it would change
-    // the artifact): the boot test uses the one the spec gives this stage.
     return directKernelBoot(
       ctx.arch,
       join(ctx.dir, 'vmlinuz'),
       join(ctx.dir, 'initrd.img'),
-      kernelCmdline(ctx.arch, ctx.params.cmdline),
+      readFileSync(join(ctx.dir, 'cmdline'), 'utf8').trim(),
       'kernel+initrd (direct boot)',
     );
   },

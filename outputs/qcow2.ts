@@ -29,7 +29,6 @@ export default defineStage({
   summary: 'qcow2 disk converted from a raw disk (qemu-img, deterministic options)',
   params: Params,
   inputs: ['disk'],
-  arches: ['amd64'],
   tools: () => [{ name: 'qemu-img', apt: 'qemu-utils' }],
   async run(ctx) {
     const out = join(ctx.outDir, 'disk.qcow2');

@@ -1,6 +1,15 @@
 // Raw GPT disk image (disk.raw): dd it to a block device or a USB stick.
+// What differs by arch comes from the arch table (src/arch.ts): firmwares, loader
+// path, root partition type.
 //
-// Bootloader: GRUB 2 for both firmwares, built on the host with grub-mkimage
+// arm64 (UEFI only): systemd-boot, systemd-bootaa64.efi taken from the target
+// rootfs (package systemd-boot-efi) at \EFI\BOOT\BOOTAA64.EFI, so no NVRAM entry
+// is needed. Chosen over GRUB's arm64-efi because it is one prebuilt EFI binary
+// from the arch's own archive plus two text files: nothing is built on the host, so
+// no amd64 grub-mkimage has to match the target's GRUB module ABI, and the kernel's
+// EFI stub does the loading. Layout: p1 ESP | p2 root (type "Linux root arm64").
+//
+// amd64 bootloader: GRUB 2 for both firmwares, built on the host with grub-mkimage
 // (grub-pc-bin + grub-efi-amd64-bin), not inside the rootfs.
 //  - One bootloader and one grub.cfg for SeaBIOS and OVMF, so both boot paths run
 //    the same menu entry and command line; systemd-boot would cover UEFI only and
@@ -25,7 +34,7 @@
 import { open, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage, StageError, type RunContext, type ToolSpec } from '../src/stage.js';
+import { ARCH, defineStage, StageError, type Arch, type RunContext, type ToolSpec } from '../src/stage.js';
 import {
   autoEspBytes,
   autoExt4Bytes,
@@ -45,9 +54,12 @@ import {
   sfdiskScript,
   type DiskPlan,
 } from '../src/lib/diskimage.js';
-import { buildFat, ddInto, grubImage, walkTree } from '../src/lib/diskbuild.js';
+import { buildExt4, buildFat, ddInto, grubImage, walkTree, type FatFile } from '../src/lib/diskbuild.js';
+
+export { MKE2FS_CONF } from '../src/lib/diskbuild.js';
 import { joinCmdline, kernelCmdline } from './_boot.js';
-import { diskBootPlans, diskInputs, GrubCmdline } from './_disk.js';
+import { diskBootPlans, diskInputs, GrubCmdline, systemdBootEspFiles } from './_disk.js';
+import { COMPOSEFS_MKE2FS_FEATURES, composefsCmdline, RootMode, stageComposefsRoot } from './_composefs-root.js';
 
 const SIZE_RE = /^\d+[KMGT]?$/i;
 
@@ -65,22 +77,11 @@ export const Params = z
     timeout: z.number().int().min(0).max(60).default(1),
     /** ext4 volume label of the root filesystem. */
     label: z.string().regex(/^[A-Za-z0-9_-]{1,16}$/).default('root'),
+    /** composefs: the rootfs input is a composefs stage, the root is its verified image (outputs/_composefs-root.ts). Default ext4. */
+    root: RootMode.optional(),
   })
   .strict();
 export type RawParams = z.infer<typeof Params>;
-
-/** Fixed mke2fs defaults so the filesystem does not depend on the host's /etc/mke2fs.conf. */
-export const MKE2FS_CONF = `[defaults]
-	base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
-	default_mntopts = acl,user_xattr
-	blocksize = 4096
-	inode_size = 256
-	inode_ratio = 16384
-[fs_types]
-	ext4 = {
-		features = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
-	}
-`;
 
 export const TOOLS: ToolSpec[] = [
   { name: 'tar', apt: 'tar' },
@@ -93,6 +94,11 @@ export const TOOLS: ToolSpec[] = [
   { name: 'dd', apt: 'coreutils' },
 ];
 
+/** What raw runs for an arch: GRUB only where it builds the BIOS+UEFI GRUB (see the header). */
+export function rawTools(arch: Arch): ToolSpec[] {
+  return ARCH[arch].firmwares.includes('bios') ? TOOLS : TOOLS.filter((x) => x.name !== 'grub-mkimage');
+}
+
 /** The root filesystem the emitter must name, then the spec's command line. */
 export function rawCmdline(rootUuid: string, cmdline: string): string {
   return joinCmdline(`root=UUID=${rootUuid}`, 'rw', cmdline);
@@ -100,47 +106,57 @@ export function rawCmdline(rootUuid: string, cmdline: string): string {
 
 async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
   const p = ctx.params;
-  const { vmlinuz, initrd, seed } = await diskInputs(ctx, 'raw-v1');
+  const cfs = p.root === 'composefs' ? await stageComposefsRoot(ctx) : undefined;
+  const { vmlinuz, initrd, seed } = await diskInputs(ctx, 'raw-v1', cfs?.seedFiles);
   const w = ctx.workDir;
   const epoch = ctx.sourceDateEpoch;
   const rootUuid = deriveUuid(seed, 'ext4-root');
   const hashSeed = deriveUuid(seed, 'ext4-hash-seed');
   const espSerial = deriveFatSerial(seed, 'esp');
 
-  const tree = await ctx.rootfsTree('rootfs');
+  const tree = cfs ? cfs.tree : await ctx.rootfsTree('rootfs');
   const { stats, entries } = await walkTree(tree);
 
-  // --- GRUB images and ESP content
-  const early = grubEarlyConfig({ fsUuid: fatUuid(espSerial) });
-  const efiImg = join(w, 'BOOTX64.EFI');
+  // --- bootloader and ESP content
+  const cmdline = rawCmdline(rootUuid, joinCmdline(cfs ? composefsCmdline(cfs) : '', kernelCmdline(ctx.arch, p.cmdline)));
+  const bios = ARCH[ctx.arch].firmwares.includes('bios');
   const coreImg = join(w, 'core.img');
-  await grubImage(ctx, 'x86_64-efi', efiImg, early, w);
-  await grubImage(ctx, 'i386-pc', coreImg, early, w);
-  const cmdline = rawCmdline(rootUuid, kernelCmdline(ctx.arch, p.cmdline));
-  const cfg = join(w, 'grub.cfg');
-  await writeFile(cfg, grubConfig({ title: 'Linux', kernel: '/boot/vmlinuz', initrd: '/boot/initrd.img', cmdline }, p.timeout));
-  const espFiles = [
-    { src: efiImg, dest: '/EFI/BOOT/BOOTX64.EFI' },
-    { src: cfg, dest: '/boot/grub/grub.cfg' },
-    { src: vmlinuz, dest: '/boot/vmlinuz' },
-    { src: initrd, dest: '/boot/initrd.img' },
-  ];
+  let espFiles: FatFile[];
+  if (bios) {
+    // GRUB from the host: one menu for SeaBIOS and UEFI.
+    const early = grubEarlyConfig({ fsUuid: fatUuid(espSerial) });
+    const efiImg = join(w, ARCH[ctx.arch].efi.removable);
+    await grubImage(ctx, ARCH[ctx.arch].efi.grubTarget, efiImg, early, w);
+    await grubImage(ctx, 'i386-pc', coreImg, early, w);
+    const cfg = join(w, 'grub.cfg');
+    await writeFile(cfg, grubConfig({ title: 'Linux', kernel: '/boot/vmlinuz', initrd: '/boot/initrd.img', cmdline }, p.timeout));
+    espFiles = [
+      { src: efiImg, dest: `/EFI/BOOT/${ARCH[ctx.arch].efi.removable}` },
+      { src: cfg, dest: '/boot/grub/grub.cfg' },
+      { src: vmlinuz, dest: '/boot/vmlinuz' },
+      { src: initrd, dest: '/boot/initrd.img' },
+    ];
+  } else {
+    // UEFI only: systemd-boot from the target rootfs (see the header).
+    espFiles = await systemdBootEspFiles({ arch: ctx.arch, tree, workDir: w, vmlinuz, initrd, title: 'Linux', cmdline, timeout: p.timeout });
+  }
   let espContent = 0;
   for (const f of espFiles) espContent += (await stat(f.src)).size;
 
   // --- layout
-  const coreBytes = (await readFile(coreImg)).length;
+  const coreBytes = bios ? (await readFile(coreImg)).length : 0;
   const rootBytes = p.root_size ? parseSize(p.root_size) : autoExt4Bytes(stats, parseSize(p.free));
   const espBytes = p.esp_size ? parseSize(p.esp_size) : autoEspBytes(espContent);
   const plan = planGptDisk(
     [
-      { name: 'bios-boot', type: GPT_TYPE.biosBoot, bytes: Math.max(MiB, coreBytes) },
+      ...(bios ? [{ name: 'bios-boot', type: GPT_TYPE.biosBoot, bytes: Math.max(MiB, coreBytes) }] : []),
       { name: 'esp', type: GPT_TYPE.esp, bytes: espBytes },
-      { name: 'root', type: GPT_TYPE.rootX86_64, bytes: rootBytes },
+      { name: 'root', type: ARCH[ctx.arch].gptRootType, bytes: rootBytes },
     ],
     seed,
   );
-  const [pBios, pEsp, pRoot] = plan.partitions as [DiskPlan['partitions'][0], DiskPlan['partitions'][0], DiskPlan['partitions'][0]];
+  const part = (name: string) => plan.partitions.find((x) => x.name === name)!;
+  const [pBios, pEsp, pRoot] = [part('bios-boot'), part('esp'), part('root')] as [DiskPlan['partitions'][0] | undefined, DiskPlan['partitions'][0], DiskPlan['partitions'][0]];
   ctx.log(`raw: root ${rootBytes / MiB} MiB for ${stats.inodes} inodes / ${Math.round(stats.dataBytes / MiB)} MiB data; esp ${espBytes / MiB} MiB; disk ${plan.totalBytes / MiB} MiB`);
 
   // --- ESP
@@ -149,27 +165,10 @@ async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
 
   // --- ext4 root
   const rootImg = join(w, 'root.img');
-  const conf = join(w, 'mke2fs.conf');
-  await writeFile(conf, MKE2FS_CONF);
-  const e2env = { MKE2FS_CONFIG: conf, E2FSPROGS_FAKE_TIME: String(epoch), SOURCE_DATE_EPOCH: String(epoch), TZ: 'UTC' };
-  await writeFile(rootImg, '');
-  await ctx.exec('truncate', ['--size', String(pRoot.sizeLba * SECTOR), rootImg]);
-  await ctx.exec(
-    'mke2fs',
-    [
-      '-q', '-F', '-t', 'ext4', '-d', tree, '-L', p.label, '-U', rootUuid,
-      '-N', String(ext4InodeCount(stats, pRoot.sizeLba * SECTOR)),
-      '-E', `hash_seed=${hashSeed},root_owner=0:0,lazy_itable_init=0,nodiscard`,
-      '-m', '0', rootImg,
-    ],
-    { env: e2env },
-  );
-  const script = join(w, 'debugfs.cmds');
-  await writeFile(script, debugfsTimeScript(entries, epoch));
-  const dbg = await ctx.exec('debugfs', ['-w', '-f', script, rootImg], { env: e2env, capture: true });
-  // debugfs reports per-command errors on stderr but exits 0.
-  const errs = dbg.stderr.split('\n').filter((l) => l.trim() && !/^debugfs \d/.test(l));
-  if (errs.length) throw new StageError(`debugfs could not pin timestamps: ${errs.slice(0, 5).join('; ')}`);
+  await buildExt4(ctx, {
+    image: rootImg, bytes: pRoot.sizeLba * SECTOR, tree, stats, entries, label: p.label, uuid: rootUuid, hashSeed,
+    extraArgs: cfs ? COMPOSEFS_MKE2FS_FEATURES : [], scratch: w,
+  });
 
   // --- assemble the disk
   const disk = join(ctx.outDir, 'disk.raw');
@@ -179,8 +178,9 @@ async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
   await ddInto(ctx, espImg, disk, pEsp.startLba * SECTOR);
   await ddInto(ctx, rootImg, disk, pRoot.startLba * SECTOR);
 
-  const h = await open(disk, 'r+');
-  try {
+  // BIOS: GRUB's boot.img in the MBR, core.img in the BIOS boot partition.
+  const h = pBios ? await open(disk, 'r+') : undefined;
+  if (h && pBios) try {
     const mbr = Buffer.alloc(SECTOR);
     await h.read(mbr, 0, SECTOR, 0);
     const bootImg = await readFile('/usr/lib/grub/i386-pc/boot.img');
@@ -207,16 +207,15 @@ export default defineStage({
   kind: 'raw',
   // 2: `cmdline` is the whole command line after root=…; console=ttyS0 is no longer added.
   version: '2',
-  summary: 'raw GPT disk (BIOS boot + ESP + ext4 root), GRUB for SeaBIOS and UEFI',
+  summary: 'raw GPT disk (ESP + ext4 root; amd64: + BIOS boot, GRUB for SeaBIOS and UEFI; arm64: systemd-boot, UEFI)',
   params: Params,
   inputs: ['rootfs', 'boot'],
-  arches: ['amd64'],
   // The rootfs is unpacked with its owners and device nodes. No loop device: the
   // filesystems are built in image files.
   requires: ['root'],
   // Not heavy: the emitters fed by one rootfs are meant to run side by side
-  // (each unpacks its own copy; no chroot, no network).
-  tools: () => TOOLS,
+  // (they share one read-only unpacked rootfs, see RunContext.rootfsTree; no chroot, no network).
+  tools: (_p, arch) => rawTools(arch),
   run: buildRaw,
   boot: (ctx) => diskBootPlans(ctx, 'disk.raw', 'raw', 'raw disk'),
 });

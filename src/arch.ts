@@ -25,6 +25,8 @@ export interface ArchInfo {
    * spends most of its time emulating pointer authentication.
    */
   qemuMachine: string[];
+  /** qemu's NICs carry an iPXE ROM for this arch (Debian's ipxe-qemu: x86 only), so a network boot can be tested. */
+  qemuIpxeRom: boolean;
   /** Serial console of that qemu machine (and of the usual boards), for console=. */
   serialConsole: string;
   /** OCI image-config platform. */
@@ -32,7 +34,7 @@ export interface ArchInfo {
   /** Firmware kinds a disk of this arch boots under, in boot-test order. */
   firmwares: readonly Firmware[];
   /** UEFI: GRUB's platform, the removable-media loader name (\EFI\BOOT\<name>), systemd-boot's binary. */
-  efi: { grubTarget: string; removable: string; systemdBoot: string };
+  efi: { grubTarget: 'x86_64-efi' | 'arm64-efi'; removable: string; systemdBoot: string };
   /** GPT type of the root partition (Discoverable Partitions Specification). */
   gptRootType: string;
   /** UEFI firmware for boot tests: code (read-only pflash), vars template (copied per boot). */
@@ -49,6 +51,7 @@ export const ARCH: Record<Arch, ArchInfo> = {
     qemuUser: 'qemu-x86_64',
     qemuSystem: { name: 'qemu-system-x86_64', apt: 'qemu-system-x86' },
     qemuMachine: [],
+    qemuIpxeRom: true,
     serialConsole: 'ttyS0',
     oci: { architecture: 'amd64', os: 'linux' },
     firmwares: ['bios', 'uefi'],
@@ -64,6 +67,7 @@ export const ARCH: Record<Arch, ArchInfo> = {
     qemuUser: 'qemu-aarch64',
     qemuSystem: { name: 'qemu-system-aarch64', apt: 'qemu-system-arm' },
     qemuMachine: ['-M', 'virt', '-cpu', 'cortex-a57'],
+    qemuIpxeRom: false,
     serialConsole: 'ttyAMA0',
     oci: { architecture: 'arm64', os: 'linux', variant: 'v8' },
     firmwares: ['uefi'],

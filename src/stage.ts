@@ -113,9 +113,10 @@ export interface RunContext<P> {
   /** The rootfs tarball of input `name` (default "rootfs"): its rootfs.tar, or its only *.tar. */
   rootfsTar(name?: string): string;
   /**
-   * Input `name`'s rootfs tarball unpacked in workDir with owners, modes, device
-   * nodes, xattrs and mtimes (needs root: declare `requires: ['root']`). Unpacked
-   * once per stage; the kind may modify the tree, it is scratch.
+   * Input `name`'s rootfs tarball unpacked with owners, modes, device nodes, xattrs
+   * and mtimes (needs root: declare `requires: ['root']`). Unpacked once per rootfs
+   * entry under the cache and shared by every stage and build that asks: READ-ONLY,
+   * never write into it (dracut writes to an overlay of it in its own namespace).
    */
   rootfsTree(name?: string): Promise<string>;
 }
@@ -175,9 +176,18 @@ export interface StageModule<S extends z.ZodType = z.ZodType> {
    * e.g. a dracut module directory. They are hashed into the cache key.
    */
   assets?(params: z.infer<S>, arch: Arch): string[];
+  /**
+   * Plan-time checks against the stages feeding this one (their kinds and resolved
+   * params), e.g. a Debian component the input's rootfs must name. Each message
+   * becomes a spec error (exit 2) at this stage's inputs.
+   */
+  checkInputs?(params: z.infer<S>, inputs: Record<string, { kind: string; params: unknown }>, arch: Arch): string[];
   run(ctx: RunContext<z.infer<S>>): Promise<void>;
-  /** Emitters that produce something bootable describe how to boot it. */
-  boot?(ctx: BootContext<z.infer<S>>): BootPlan | BootPlan[];
+  /**
+   * Emitters that produce something bootable describe how to boot it (async when the
+   * plan needs files read out of the artifact first, e.g. rpi4's kernel from its FAT).
+   */
+  boot?(ctx: BootContext<z.infer<S>>): BootPlan | BootPlan[] | Promise<BootPlan | BootPlan[]>;
 }
 
 /** A failure inside a stage: message for the user plus the tail of its log. */

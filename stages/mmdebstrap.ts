@@ -4,9 +4,12 @@
 import { mkdir, readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { defineStage, emulatorTools, specPath, StageError, type Arch, type SpecPathRule, type ToolSpec } from '../src/stage.js';
+import { ARCH, defineStage, emulatorTools, specPath, StageError, type Arch, type SpecPathRule, type ToolSpec } from '../src/stage.js';
 import { resolveSpecPath } from '../src/engine/assets.js';
 import type { DebPackage } from '../src/engine/manifest-types.js';
+import { Cache } from '../src/engine/cache.js';
+import { LOCKED_RUN, sectionDigest, type LockedRun } from '../src/lock/format.js';
+import { makeFlatRepo } from '../src/lock/repo.js';
 
 const PKG_RE = /^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$/;
 const NAME_RE = /^[a-z0-9][a-z0-9.+-]*$/;
@@ -43,8 +46,6 @@ export const Params = z
   .strict();
 export type MmdebstrapParams = z.infer<typeof Params>;
 
-// mmdebstrap's debian arch names match ours, but keep the mapping explicit.
-const DEB_ARCH: Record<Arch, string> = { amd64: 'amd64', arm64: 'arm64' };
 
 // Why a divert rather than path-exclude of /etc/kernel/postinst.d: update-initramfs is
 // reached three ways (the kernel postinst.d hook, initramfs-tools' own postinst on
@@ -97,6 +98,15 @@ export const OVERLAY_HOOK = [
   'done',
 ].join('\n');
 
+// A locked build installs from a local flat repository, which mmdebstrap would
+// write into the image's sources.list: put back the line an unlocked build writes.
+export const SOURCES_HOOK = 'set -e\nprintf "%s\\n" "$PIPELINE_SOURCES_LINE" > "$1/etc/apt/sources.list"';
+
+// (issue 10, speed) dpkg without fsync while the throwaway chroot is built; see mmdebstrapArgs.
+const UNSAFE_IO_CFG = '/etc/dpkg/dpkg.cfg.d/zz-pipeline-unsafe-io';
+export const UNSAFE_IO_ON = `set -e\nif [ -d "$1/etc/dpkg/dpkg.cfg.d" ]; then printf "force-unsafe-io\\n" > "$1${UNSAFE_IO_CFG}"; fi`;
+export const UNSAFE_IO_OFF = `rm -f "$1${UNSAFE_IO_CFG}"`;
+
 // Runs before mmdebstrap's cleanup removes the apt lists: copy out what metadata needs.
 export const META_HOOK = [
   'set -e',
@@ -106,21 +116,31 @@ export const META_HOOK = [
   'if [ -d "$1/usr/lib/modules" ]; then ls -1 "$1/usr/lib/modules"; fi > "$PIPELINE_META_DIR/kernels"',
 ].join('\n');
 
-export function mmdebstrapArgs(p: MmdebstrapParams, arch: Arch, target: string): string[] {
+/**
+ * `repo`: for a locked build, the sources line of the flat repository holding
+ * exactly the locked .debs; it replaces the mirror (and sources.list is restored).
+ */
+export function mmdebstrapArgs(p: MmdebstrapParams, arch: Arch, target: string, repo?: string): string[] {
   const args = [
     `--variant=${p.variant}`,
-    `--arch=${DEB_ARCH[arch]}`,
+    `--arch=${ARCH[arch].debian}`,
     `--components=${p.components.join(',')}`,
     '--format=tar',
     `--essential-hook=${ESSENTIAL_HOOK}`,
     `--customize-hook=${UNDIVERT_HOOK}`,
     `--customize-hook=${HOST_FILES_HOOK}`,
     `--customize-hook=${OVERLAY_HOOK}`,
+    ...(repo ? [`--customize-hook=${SOURCES_HOOK}`] : []),
     `--customize-hook=${META_HOOK}`,
   ];
+  // (issue 10, speed) dpkg skips its fsyncs: the chroot is a throwaway tarred at the
+  // end, so durability buys nothing. Not --dpkgopt, which stays in the image: the
+  // file lives from extraction to the first customize step (mtimes are clamped to
+  // SOURCE_DATE_EPOCH), so the tarball's content does not change (nor does the key).
+  args.push(`--extract-hook=${UNSAFE_IO_ON}`, `--customize-hook=${UNSAFE_IO_OFF}`);
   if (p.ignore_valid_until) args.push('--aptopt=Acquire::Check-Valid-Until "false"');
   if (p.packages.length) args.push(`--include=${p.packages.join(',')}`);
-  args.push('--', p.suite, target, p.mirror);
+  args.push('--', p.suite, target, repo ?? p.mirror);
   return args;
 }
 
@@ -198,7 +218,10 @@ export default defineStage({
     const overlay = p.overlay ? resolveSpecPath(ctx.specDir, p.overlay, OVERLAY_PATH) : '';
     const metaDir = join(ctx.workDir, 'meta');
     await mkdir(metaDir, { recursive: true });
-    await ctx.exec('mmdebstrap', mmdebstrapArgs(p, ctx.arch, join(ctx.outDir, 'rootfs.tar')), {
+    // A locked stage installs exactly the locked .debs, verified, from a local flat repository.
+    const locked = (p as { [LOCKED_RUN]?: LockedRun })[LOCKED_RUN];
+    const repo = locked ? await makeFlatRepo(ctx, new Cache(locked.cacheRoot), locked.section, join(ctx.workDir, 'repo')) : undefined;
+    await ctx.exec('mmdebstrap', mmdebstrapArgs(p, ctx.arch, join(ctx.outDir, 'rootfs.tar'), repo), {
       env: {
         SOURCE_DATE_EPOCH: String(ctx.sourceDateEpoch),
         // mmdebstrap stages the tree under TMPDIR before packing; keep it in our scratch.
@@ -206,6 +229,7 @@ export default defineStage({
         PIPELINE_META_DIR: metaDir,
         PIPELINE_HOSTNAME: p.hostname,
         PIPELINE_OVERLAY: overlay,
+        PIPELINE_SOURCES_LINE: `deb ${p.mirror} ${p.suite} ${p.components.join(' ')}`,
         LC_ALL: 'C.UTF-8',
       },
     });
@@ -227,6 +251,16 @@ export default defineStage({
       .filter(Boolean)
       .sort();
     const packages = installedPackages(status, lists);
+    if (locked && !unpackOnly) {
+      // The lock is the contract: anything else installed (or missing) is a failure, not a drift.
+      const want = new Set(locked.section.debs.map((d) => `${d.name} ${d.version} ${d.arch}`));
+      const got = new Set(packages.map((d) => `${d.name} ${d.version} ${d.arch}`));
+      const extra = [...got].filter((x) => !want.has(x));
+      const lacking = [...want].filter((x) => !got.has(x));
+      if (extra.length || lacking.length) {
+        throw new StageError(`the locked install differs from the lock: installed but not locked: ${extra.join(', ') || 'none'}; locked but not installed: ${lacking.join(', ') || 'none'}`);
+      }
+    }
     ctx.log(`rootfs: ${packages.length} packages, kernels: ${kernels.join(', ') || 'none'}`);
     ctx.setMeta({
       suite: p.suite,
@@ -236,6 +270,7 @@ export default defineStage({
       arch: ctx.arch,
       kernels,
       packages,
+      ...(locked ? { lock: sectionDigest(locked.section), inRelease: locked.section.inRelease } : {}),
     });
   },
 });

@@ -32,7 +32,7 @@ export async function runBootTests(r: BuildResult, o: BootTestOptions): Promise<
       for (const sinkName of plan.sinks[pub.variant]!) {
         const st = plan.stages.find((s) => s.name === sinkName)!;
         if (!st.mod.boot) continue;
-        const got = st.mod.boot({ arch: plan.arch, params: st.params, dir: pub.dir, workDir: work, firmware: o.firmware });
+        const got = await st.mod.boot({ arch: plan.arch, params: st.params, dir: pub.dir, workDir: work, firmware: o.firmware });
         plans.push(...(Array.isArray(got) ? got : [got]));
       }
       if (!plans.length) throw new UsageError(`variant "${pub.variant}" produces nothing bootable${o.firmware ? ` with firmware ${o.firmware}` : ''}`);

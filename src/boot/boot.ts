@@ -3,8 +3,8 @@
 // qemu is always killed (process group) before bootTest returns.
 import { createWriteStream, type WriteStream } from 'node:fs';
 import { runProcess, LineTail } from '../engine/process.js';
-import { QEMU_SYSTEM } from '../doctor/doctor.js';
-import { hostArch, type BootPlan } from '../stage.js';
+import { ARCH, ARCHES, hostArch, type Arch } from '../arch.js';
+import type { BootPlan } from '../stage.js';
 
 export interface BootTestOptions {
   expect: string[];
@@ -84,7 +84,7 @@ export class ConsoleScanner {
 /** The qemu-system binary whose guests KVM can run on this host, if any. */
 function nativeQemu(): string | undefined {
   const arch = hostArch();
-  return arch && QEMU_SYSTEM[arch].name;
+  return arch && ARCH[arch].qemuSystem.name;
 }
 
 /**
@@ -161,24 +161,17 @@ export async function bootTest(plan: BootPlan, opts: BootTestOptions): Promise<B
 }
 
 /** Serial console device of qemu's default machine per arch (for console=). */
-export const SERIAL_CONSOLE: Record<'amd64' | 'arm64', string> = { amd64: 'ttyS0', arm64: 'ttyAMA0' };
+export const SERIAL_CONSOLE = Object.fromEntries(ARCHES.map((a) => [a, ARCH[a].serialConsole])) as Record<Arch, string>;
+
+/** qemu binary and machine arguments that boot this arch (firmware and disks come after). */
+export function qemuMachine(arch: Arch): { qemu: string; args: string[] } {
+  return { qemu: ARCH[arch].qemuSystem.name, args: [...ARCH[arch].qemuMachine] };
+}
 
 /** qemu invocation that boots a kernel + initrd directly (no firmware boot path). */
-export function directKernelBoot(
-  arch: 'amd64' | 'arm64',
-  kernel: string,
-  initrd: string,
-  cmdline: string,
-  label: string,
-): BootPlan {
-  const files = ['-kernel', kernel, '-initrd', initrd, '-append', cmdline];
-  if (arch === 'arm64') {
-    // `virt` needs no firmware for a direct kernel boot (qemu writes the device tree
-    // and enters the Image itself). Under TCG, -cpu max emulates pointer
-    // authentication with the architected QARMA cipher, which Debian's kernel and
-    // userland (built with branch protection) run on every call; pauth-impdef=on
-    // swaps in qemu's cheap stand-in: 22 s -> 7 s to the marker here.
-    return { qemu: 'qemu-system-aarch64', args: ['-M', 'virt', '-cpu', 'max,pauth-impdef=on', ...files], label };
-  }
-  return { qemu: 'qemu-system-x86_64', args: files, label };
+export function directKernelBoot(arch: Arch, kernel: string, initrd: string, cmdline: string, label: string): BootPlan {
+  // arm64 `virt` needs no firmware for a direct kernel boot: qemu writes the device
+  // tree and enters the Image itself.
+  const m = qemuMachine(arch);
+  return { qemu: m.qemu, args: [...m.args, '-kernel', kernel, '-initrd', initrd, '-append', cmdline], label };
 }

@@ -10,8 +10,9 @@ import { requirements } from '../engine/compile.js';
 import { loadKinds, PACKAGE_ROOT, type Kinds } from '../engine/kinds.js';
 import { loadSpecFile } from '../engine/spec.js';
 import { runtimePackages } from '../engine/tools.js';
-import { ARCHES, type Arch, type StageModule, type ToolSpec } from '../stage.js';
+import { ARCH, ARCHES, type Arch, type StageModule, type ToolSpec } from '../stage.js';
 import { probeAccel, probeHost, type HostFacts } from './probe.js';
+import { hostKeyringFiles, suiteKeyFindings } from './keyring.js';
 
 function kvmFindings(f: HostFacts): Finding[] {
   const k = f.kvm;
@@ -19,7 +20,7 @@ function kvmFindings(f: HostFacts): Finding[] {
   const out: Finding[] = [];
   const cached = k.cached ? ' (cached probe)' : '';
   if (!k.qemu) {
-    out.push({ level: 'warn', what: 'qemu', detail: 'qemu-system-x86_64 not found; boot tests cannot run', fix: 'apt-get install -y qemu-system-x86' });
+    out.push({ level: 'warn', what: 'qemu', detail: `${ARCH.amd64.qemuSystem.name} not found; boot tests cannot run`, fix: `apt-get install -y ${ARCH.amd64.qemuSystem.apt}` });
     return out;
   }
   if (!k.device) out.push({ level: 'warn', what: 'kvm', detail: 'no /dev/kvm; using software emulation (TCG)' });
@@ -69,10 +70,7 @@ export async function chooseAccel(cacheDir: string): Promise<'kvm' | 'tcg'> {
 }
 
 /** qemu system emulators boot tests use, per guest arch. */
-export const QEMU_SYSTEM: Record<Arch, ToolSpec> = {
-  amd64: { name: 'qemu-system-x86_64', apt: 'qemu-system-x86' },
-  arm64: { name: 'qemu-system-aarch64', apt: 'qemu-system-arm' },
-};
+export const QEMU_SYSTEM = Object.fromEntries(ARCHES.map((a) => [a, ARCH[a].qemuSystem])) as Record<Arch, ToolSpec>;
 
 /** Add tools to a by-name map, merging a tool's runtime packages (they differ per arch). */
 function addTools(into: Map<string, ToolSpec>, tools: ToolSpec[]): void {
@@ -169,7 +167,7 @@ export async function runDoctor(opts: { cacheDir?: string; color?: boolean; out?
   const kinds = [...(await loadKinds()).values()];
   const all = knownTools(kinds, ARCHES);
   const facts = await probeHost({ tools: all, packages: runtimePackages(all).map((p) => p.apt), arches: ARCHES, cacheDir: opts.cacheDir });
-  const findings = assessHost(facts, doctorNeeds(kinds, facts));
+  const findings = [...assessHost(facts, doctorNeeds(kinds, facts)), ...suiteKeyFindings(hostKeyringFiles())];
   const color = opts.color ?? (out === process.stdout && process.stdout.isTTY === true && !process.env.NO_COLOR);
   out.write(formatDoctor(findings, { color }));
   return findings.some((f) => f.level === 'error') ? 1 : 0;

@@ -6,6 +6,7 @@ import { createHash } from 'node:crypto';
 import { constants as fsc, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { ARCH } from '../arch.js';
 import { writeAtomic } from '../engine/cache.js';
 import { spawnProcess } from '../engine/process.js';
 import { probePreflight, type PreflightFacts, type PreflightProbeOptions } from '../engine/preflight.js';
@@ -245,7 +246,8 @@ export async function capture(
 
 const KVM_TIMEOUT_MS = 8000;
 const TCG_TIMEOUT_MS = 20000;
-const QEMU = 'qemu-system-x86_64';
+// The probe payload is an x86 boot sector (BIOS -> real -> long mode).
+const QEMU = ARCH.amd64.qemuSystem.name;
 
 /** Boot the probe sector under qemu with the given accelerator; kill qemu if it does not finish in time. */
 export async function runBootProbe(accel: 'kvm' | 'tcg', opts: { timeoutMs?: number; qemu?: string } = {}): Promise<BootProbe> {

@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { assetDigests, checkSpecPaths } from './assets.js';
 import { Cache, defaultCacheRoot } from './cache.js';
-import { compile, diffParts, requirements, type Plan } from './compile.js';
+import { compile, diffParts, requirements, type LockProvider, type Plan } from './compile.js';
 import { resolveEpoch, type EpochSource } from './epoch.js';
 import { BuildError, SpecError, UsageError } from './errors.js';
 import { loadKinds, PACKAGE_ROOT, type Kinds } from './kinds.js';
@@ -34,12 +34,29 @@ export interface CommonOptions {
   cacheDir?: string;
 }
 
+/**
+ * Locked builds (src/lock/) plug in here: the engine does not import them. The
+ * CLI registers them once; without a registration no lock is read.
+ */
+export interface LockSupport {
+  /** The spec's lock, or undefined when it has none (a lock that does not parse throws, exit 2). */
+  load(specFile: string): Promise<LockProvider | undefined>;
+  /** Before stages run: the locked stages' .debs present and verified (fetched unless offline), handed to the stages. */
+  beforeRun(plan: Plan, cache: Cache, lookups: ReadonlyMap<string, unknown>, opts: { offline?: boolean; lockFile?: string; specFile: string; signal?: AbortSignal }): Promise<void>;
+}
+let lockSupport: LockSupport | undefined;
+export function useLockSupport(s: LockSupport | undefined): void {
+  lockSupport = s;
+}
+
 export interface Prepared {
   kinds: Kinds;
   loaded: LoadedSpec;
   plan: Plan;
   cache: Cache;
   epochSource: EpochSource;
+  /** The spec's lock file when one exists (its mmdebstrap stages are locked). */
+  lockFile?: string;
 }
 
 export async function loadSpec(file?: string): Promise<{ kinds: Kinds; loaded: LoadedSpec }> {
@@ -58,17 +75,19 @@ export function allVariants(loaded: LoadedSpec, arch: string): string[] {
     .map(([n]) => n);
 }
 
-export async function prepare(opts: CommonOptions & { arch: string; variants: string[]; all?: boolean; forRun?: boolean }): Promise<Prepared> {
+export async function prepare(opts: CommonOptions & { arch: string; variants: string[]; all?: boolean; forRun?: boolean; ignoreLock?: boolean }): Promise<Prepared> {
   const { kinds, loaded } = await loadSpec(opts.file);
   const variants = opts.all ? allVariants(loaded, opts.arch) : opts.variants;
   // Nothing is created here: a command that fails on its arguments leaves no cache
   // behind; build() creates the store when it is about to run stages.
   const cache = new Cache(opts.cacheDir ? path.resolve(opts.cacheDir) : defaultCacheRoot());
   const req = requirements(loaded, opts.arch, variants, kinds);
-  const [{ epoch, source }, tv, assets] = await Promise.all([
+  const [{ epoch, source }, tv, assets, lock] = await Promise.all([
     resolveEpoch(loaded.file, loaded.spec.source_date_epoch),
     toolVersions(req.tools, existsSync(cache.root) ? cache.root : undefined),
     assetDigests(req.assets, loaded.dir),
+    // `pipeline lock` itself resolves from the spec alone: a stale lock must not stop it.
+    opts.ignoreLock ? undefined : lockSupport?.load(loaded.file),
   ]);
   if (tv.missing.length) {
     // A build that cannot run fails before it starts; plan/explain still show the DAG.
@@ -88,8 +107,13 @@ export async function prepare(opts: CommonOptions & { arch: string; variants: st
       }),
     );
   }
-  const plan = compile(loaded, opts.arch, variants, kinds, { toolVersions: tv.versions, assetDigests: assets.digests, sourceDateEpoch: epoch });
-  return { kinds, loaded, plan, cache, epochSource: source };
+  const plan = compile(loaded, opts.arch, variants, kinds, {
+    toolVersions: tv.versions,
+    assetDigests: assets.digests,
+    sourceDateEpoch: epoch,
+    ...(lock ? { lock } : {}),
+  });
+  return { kinds, loaded, plan, cache, epochSource: source, ...(lock ? { lockFile: lock.file } : {}) };
 }
 
 export interface BuildOptions extends CommonOptions {
@@ -108,6 +132,8 @@ export interface BuildOptions extends CommonOptions {
   signer?: (loaded: LoadedSpec) => Promise<((dir: string) => Promise<void>) | undefined>;
   /** A shared cache (the CLI's registry-backed one): asked on local misses, handed built stages. */
   remote?: RemoteStore;
+  /** Read nothing from the network: locked stages install from the .deb store only. */
+  offline?: boolean;
 }
 
 export interface BuildResult {
@@ -127,6 +153,9 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   // Resolve (and read) the key before any stage runs: a bad key fails fast.
   const sign = await opts.signer?.(loaded);
   await cache.init(); // every check passed: from here on the build runs
+  // Locked stages: every .deb in the store and verified before anything installs.
+  if (lockSupport) await lockSupport.beforeRun(plan, cache, lookups, { offline: opts.offline, lockFile: prepared.lockFile, specFile: loaded.file, signal: opts.signal });
+  else if (opts.offline) throw new UsageError('--offline needs lock support, which this caller did not register');
   const logDir = path.join(cache.root, 'logs', plan.spec.name, plan.arch);
   const outcome = await runPlan(plan, {
     cache,
@@ -136,7 +165,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
     reporter: opts.reporter,
     logDir,
     lookups,
-    remote: opts.remote,
+    remote: opts.offline ? undefined : opts.remote,
   });
   if (opts.signal?.aborted) throw new BuildError('build interrupted');
   await cache.recordBuild(plan, [...outcome.entries.values()].map((e) => e.key));
@@ -148,6 +177,8 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
         outRoot,
         blobPath: (sha) => cache.blobPath(sha),
         onCorrupt: (sha) => cache.dropBlob(sha),
+        // What was published where (stat fingerprints): an unchanged set costs a stat per file.
+        memoDir: path.join(cache.root, 'published'),
         builderVersion: VERSION,
         sign,
       }),
@@ -241,9 +272,9 @@ export interface Explanation {
 export async function explain(opts: CommonOptions & { arch: string; variants: string[]; all?: boolean }): Promise<{ plan: Plan; rows: Explanation[] }> {
   const { plan, cache } = await prepare(opts);
   const rows: Explanation[] = [];
+  const lookups = await cache.lookupAll(plan.stages.map((s) => s.key));
   for (const st of plan.stages) {
-    const entry = await cache.lookup(st.key);
-    if (entry) {
+    if (lookups.has(st.key)) {
       rows.push({ stage: st.name, kind: st.kind, key: st.key, status: 'hit', reasons: [] });
       continue;
     }

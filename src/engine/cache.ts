@@ -4,8 +4,12 @@
 //                           sealed by a sha256 over its own content
 //                           (its mtime is the entry's last use, for LRU eviction)
 //   trees/<key>/            hardlink view of an entry's files, handed to downstream stages
+//   published/<hex>.json    publish memo per image dir (src/engine/publish.ts): stat fingerprints
+//   unpacked/<key>/         a rootfs entry's tarball unpacked once (tree/ + .complete), shared
+//                           read-only by every stage that asks for it (RunContext.rootfsTree)
 //   history/<spec>/<arch>/<stage>.json   last key parts per stage, for `explain`
 //   verified/<hex>          "<sha> <size> <stat fingerprint>" at the blob's last full check
+//   debs/sha256/<hex>.deb   .debs locks name (src/lock/); debs/roots/ lists the locks gc keeps them for
 //   tmp/                    staging; same filesystem so commits are renames; every
 //                           name carries its owner's pid and process start time
 // An entry appears only when complete: blobs are fsynced and renamed first, the
@@ -167,8 +171,20 @@ export class Cache {
   blobPath(sha: string) {
     return path.join(this.root, 'blobs', 'sha256', sha.slice(0, 2), sha);
   }
+  /** A .deb a lock names, filed by its sha256 (shared by every stage, arch and spec). */
+  debPath(sha: string) {
+    return path.join(this.root, 'debs', 'sha256', `${sha}.deb`);
+  }
+  /** One file per lock that uses the .deb store, holding the lock's path: `gc` keeps every .deb such a lock names. */
+  debRootPath(lockFile: string) {
+    return path.join(this.root, 'debs', 'roots', sha256(path.resolve(lockFile)));
+  }
   private treePath(key: string) {
     return path.join(this.root, 'trees', key);
+  }
+  /** Where a rootfs entry's tarball is unpacked for every consumer (see RunContext.rootfsTree). */
+  unpackedPath(key: string) {
+    return path.join(this.root, 'unpacked', key);
   }
   private memoPath(sha: string) {
     return path.join(this.root, 'verified', sha);
@@ -327,6 +343,7 @@ export class Cache {
   async dropRecord(key: string): Promise<void> {
     await fs.rm(this.entryPath(key), { force: true });
     await safeRemove(this.treePath(key));
+    await safeRemove(this.unpackedPath(key));
   }
 
   /**
@@ -476,8 +493,11 @@ export class Cache {
 
   async writeHistory(spec: string, arch: string, stage: string, key: string, parts: KeyParts): Promise<void> {
     const file = path.join(this.root, 'history', spec, arch, `${stage}.json`);
+    const text = canonicalize({ key, parts });
+    // (issue 10) A no-op build rewrites (and fsyncs) nothing: the history is unchanged.
+    if ((await fs.readFile(file, 'utf8').catch(() => undefined)) === text) return;
     await fs.mkdir(path.dirname(file), { recursive: true });
-    await writeAtomic(file, canonicalize({ key, parts }), this.tmpDir());
+    await writeAtomic(file, text, this.tmpDir());
   }
 
   /** All valid entries with their size (sum of their files) and last use. */
@@ -523,7 +543,7 @@ export class Cache {
    * unreferenced blobs, orphaned trees and staging dirs of dead processes. The
    * store keeps accepting new entries at its cap: eviction never blocks writes.
    */
-  async gc(maxBytes: number): Promise<{ evicted: string[]; freed: number; bytes: number }> {
+  async gc(maxBytes: number, opts: { keepDebs?: ReadonlySet<string> } = {}): Promise<{ evicted: string[]; freed: number; bytes: number }> {
     await this.init();
     await this.cleanStaging();
     const entries = await this.list();
@@ -557,8 +577,18 @@ export class Cache {
     for (const t of await fs.readdir(path.join(this.root, 'trees')).catch(() => [] as string[])) {
       if (!live.has(t)) await safeRemove(this.treePath(t));
     }
+    for (const t of await fs.readdir(path.join(this.root, 'unpacked')).catch(() => [] as string[])) {
+      if (!live.has(t)) await safeRemove(this.unpackedPath(t));
+    }
+    if (opts.keepDebs) await this.gcDebs(opts.keepDebs);
     const after = await this.du();
     return { evicted, freed: before - after.bytes, bytes: after.bytes };
+  }
+
+  /** Drop stored .debs whose sha256 is not in keep (the locks' .debs, computed by src/lock/; gc without it leaves them alone). */
+  private async gcDebs(keep: ReadonlySet<string>): Promise<void> {
+    const dir = path.join(this.root, 'debs', 'sha256');
+    for (const f of await fs.readdir(dir).catch(() => [] as string[])) if (!keep.has(f.replace(/\.deb$/, ''))) await fs.rm(path.join(dir, f), { force: true });
   }
 
   /**

@@ -17,6 +17,25 @@ export interface Facts {
   /** Asset path (as a stage declared it) -> content digest. */
   assetDigests: Record<string, string>;
   sourceDateEpoch: number;
+  /** The spec's lock, when there is one (src/lock/ implements it): locked stages install exactly what it names. */
+  lock?: LockProvider;
+}
+
+/** A stage's part of the lock: its digest names one exact package set and goes into the key. */
+export interface StageLock {
+  digest: string;
+  /** What the run needs (the locked .debs); opaque to the engine. */
+  section: unknown;
+}
+
+/**
+ * The lock as the compiler sees it. Pure: given a stage's resolved params it
+ * returns the stage's lock (undefined for kinds a lock does not cover) or
+ * throws a UsageError when the lock is stale for the stage ("run `pipeline lock`").
+ */
+export interface LockProvider {
+  file: string;
+  stage(name: string, kind: string, arch: Arch, params: unknown): StageLock | undefined;
 }
 
 /** Everything a cache key is made of, kept whole so `explain` can diff it. */
@@ -30,6 +49,8 @@ export interface KeyParts {
   tools: Record<string, string>;
   assets: Record<string, string>;
   inputs: Record<string, string>;
+  /** Locked stages only: the digest of the stage's lock section (absent, the key is what it was before locks). */
+  lock?: string;
 }
 
 export interface PlanStage {
@@ -43,6 +64,8 @@ export interface PlanStage {
   tools: ToolSpec[];
   parts: KeyParts;
   key: string;
+  /** The stage's lock, for a locked stage. */
+  lock?: StageLock;
 }
 
 export interface Plan {
@@ -94,6 +117,15 @@ function target(loaded: LoadedSpec, arch: string, variants: string[], kinds: Kin
     const r = resolveParams(spec, name, st, mod, arch as Arch);
     if (r.issues.length) throw new SpecError(r.issues.map((i) => ({ loc: loaded.locate(i.where), path: i.path, message: i.message })));
     params.set(name, r.params);
+  }
+  // Cross-stage checks once every stage's params are known (inputs come first in order).
+  for (const name of order) {
+    const st = spec.stages[name]!;
+    const mod = kinds.get(st.kind)!;
+    if (!mod.checkInputs) continue;
+    const ins = Object.fromEntries(Object.entries(st.inputs).map(([k, ref]) => [k, { kind: spec.stages[ref]!.kind, params: params.get(ref) }]));
+    const msgs = mod.checkInputs(params.get(name) as never, ins, arch as Arch);
+    if (msgs.length) throw new SpecError(msgs.map((message) => ({ loc: loaded.locate(['stages', name, 'inputs']), path: `stages.${name}.inputs`, message })));
   }
   return { order, sinks, params };
 }
@@ -168,6 +200,7 @@ export function compile(loaded: LoadedSpec, arch: string, variants: string[], ki
       if (d === undefined) throw new Error(`internal: no digest for asset ${a} (stage ${name})`);
       assets[a] = d;
     }
+    const lock = facts.lock?.stage(name, mod.kind, arch as Arch, params);
     const inputKeys: Record<string, string> = {};
     for (const [inName, ref] of Object.entries(st.inputs)) inputKeys[inName] = byName.get(ref)!.key;
     const parts: KeyParts = {
@@ -180,8 +213,9 @@ export function compile(loaded: LoadedSpec, arch: string, variants: string[], ki
       tools: toolVersions,
       assets,
       inputs: inputKeys,
+      ...(lock ? { lock: lock.digest } : {}),
     };
-    byName.set(name, { name, kind: mod.kind, mod, params, inputs: { ...st.inputs }, heavy: !!mod.heavy, tools, parts, key: keyOf(parts) });
+    byName.set(name, { name, kind: mod.kind, mod, params, inputs: { ...st.inputs }, heavy: !!mod.heavy, tools, parts, key: keyOf(parts), ...(lock ? { lock } : {}) });
   }
   return {
     spec: { name: loaded.spec.name, file: loaded.file, sha256: loaded.sha256 },
@@ -202,6 +236,7 @@ export function diffParts(prev: KeyParts, cur: KeyParts): string[] {
   const out: string[] = [];
   const scalar = ['engine', 'kind', 'version', 'arch', 'sourceDateEpoch'] as const;
   for (const f of scalar) if (prev[f] !== cur[f]) out.push(`${f}: ${String(prev[f])} -> ${String(cur[f])}`);
+  if (prev.lock !== cur.lock) out.push(`lock: ${short(prev.lock)} -> ${short(cur.lock)}`);
   out.push(...diffValue(prev.params, cur.params, ['params']));
   for (const f of ['tools', 'assets', 'inputs'] as const) {
     const keys = new Set([...Object.keys(prev[f] ?? {}), ...Object.keys(cur[f] ?? {})]);

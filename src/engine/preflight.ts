@@ -5,7 +5,7 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ARCHES, hostArch, type Arch, type ToolSpec } from '../stage.js';
+import { ARCH, ARCHES, hostArch, type Arch, type ToolSpec } from '../stage.js';
 import { spawnProcess } from './process.js';
 import { aptInstallLine, findOnPath, firstMeaningfulLine, probeTools, type PackageNeed, type ToolFact } from './tools.js';
 
@@ -61,7 +61,8 @@ export interface PreflightProbeOptions {
 // ---------------------------------------------------------------------------
 // Pure helpers
 
-export const QEMU_USER: Record<Arch, string> = { amd64: 'qemu-x86_64', arm64: 'qemu-aarch64' };
+/** binfmt entry names of the qemu-user emulators, from the arch table. */
+export const QEMU_USER = Object.fromEntries(ARCHES.map((a) => [a, ARCH[a].qemuUser])) as Record<Arch, string>;
 
 /** Parse /proc/sys/fs/binfmt_misc/<entry>. */
 export function parseBinfmtEntry(text: string): { enabled: boolean; interpreter?: string; flags?: string } {

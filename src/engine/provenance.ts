@@ -104,6 +104,24 @@ function mirrorDependencies(meta: BuildManifest['resolved']['meta']): ResourceDe
     }));
 }
 
+/**
+ * Locked mmdebstrap stages: the lock section they installed (its digest, which
+ * is in the stage's cache key) and the InRelease it was resolved from.
+ */
+function lockDependencies(meta: BuildManifest['resolved']['meta']): ResourceDescriptor[] {
+  const out: ResourceDescriptor[] = [];
+  for (const stage of Object.keys(meta).sort(cmp)) {
+    const m = meta[stage] ?? {};
+    const lock = str(m.lock);
+    const rel = m.inRelease as { sha256?: unknown; date?: unknown } | undefined;
+    if (!lock || !HEX64.test(lock)) continue;
+    const annotations: Record<string, unknown> = { stage };
+    if (rel && typeof rel === 'object' && str(rel.sha256)) annotations.inRelease = { sha256: str(rel.sha256), date: str(rel.date) ?? '' };
+    out.push({ name: `pipeline-lock:${stage}`, digest: { sha256: lock }, annotations });
+  }
+  return out;
+}
+
 function packageDependencies(pkgs: DebPackage[]): ResourceDescriptor[] {
   const byPurl = new Map<string, ResourceDescriptor>();
   for (const p of pkgs) {
@@ -181,6 +199,7 @@ export function buildStatement(manifest: BuildManifest, subjects: Subject[]): In
         internalParameters: { sourceDateEpoch: manifest.sourceDateEpoch },
         resolvedDependencies: [
           ...mirrorDependencies(manifest.resolved.meta),
+          ...lockDependencies(manifest.resolved.meta),
           ...packageDependencies(manifest.resolved.packages),
           ...toolDependencies(manifest.resolved.tools),
         ],

@@ -1,13 +1,14 @@
 // Publishing: copy a variant's files out of the cache into images/<variant>/<arch>/
 // with SHA256SUMS, build-manifest.json and the provenance statement. The new
 // directory is assembled beside the old one and swapped in by rename, so readers
-// never see a half-written set.
+// never see a half-written set. A memo of what was published (every entry's stat
+// fingerprint) makes republishing an unchanged set cost a stat per file.
 import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { stableJson } from './canonical.js';
-import { ownedName, ownerGone, type Entry } from './cache.js';
+import { ownedName, ownerGone, writeAtomic, type Entry } from './cache.js';
 import type { Plan } from './compile.js';
 import { BuildError } from './errors.js';
 import { hashFile } from '../lib/digest.js';
@@ -106,6 +107,97 @@ export interface PublishOptions {
   sign?: (dir: string) => Promise<void>;
   /** Called with a blob that did not hash to its record while copying (drop it so the next build rebuilds). */
   onCorrupt?: (sha: string) => Promise<unknown>;
+  /**
+   * Where publish memos live (the build passes <cache>/published). Without it every
+   * publish copies and hashes every file.
+   */
+  memoDir?: string;
+}
+
+/**
+ * What a publish left in dest: the manifest it published and, for every file and
+ * directory, its stat fingerprint (device, inode, size, mtime and ctime in ns) and,
+ * for artifacts, the sha256 it was verified against while copied out of the cache.
+ * A later publish trusts an entry only while its fingerprint is unchanged: any write,
+ * chmod, utimes or link moves ctime, which cannot be set back.
+ */
+interface PublishMemo {
+  v: 1;
+  dest: string;
+  manifest: string;
+  entries: Record<string, { fp: string; sha256?: string }>;
+}
+
+function fingerprint(st: { dev: bigint; ino: bigint; size: bigint; mtimeNs: bigint; ctimeNs: bigint; mode: bigint }): string {
+  return [st.dev, st.ino, st.size, st.mtimeNs, st.ctimeNs, st.mode].join(':');
+}
+
+/** Every file and directory under dir (relative; '' is dir itself) with its fingerprint; undefined if dir is absent. */
+async function fingerprints(dir: string): Promise<Map<string, string> | undefined> {
+  const out = new Map<string, string>();
+  // Directories in order, then every file's lstat at once: a composefs object store
+  // holds ~16k files, and one lstat after another is most of a no-op's time.
+  const files: string[] = [];
+  const walk = async (rel: string): Promise<void> => {
+    const abs = rel ? path.join(dir, rel) : dir;
+    out.set(rel, fingerprint(await fs.lstat(abs, { bigint: true })));
+    for (const e of await fs.readdir(abs, { withFileTypes: true })) {
+      const r = rel ? `${rel}/${e.name}` : e.name;
+      if (e.isDirectory()) await walk(r);
+      else files.push(r);
+    }
+  };
+  try {
+    await walk('');
+    for (let i = 0; i < files.length; i += 256) {
+      const batch = files.slice(i, i + 256);
+      const sts = await Promise.all(batch.map((r) => fs.lstat(path.join(dir, r), { bigint: true })));
+      batch.forEach((r, j) => out.set(r, fingerprint(sts[j]!)));
+    }
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw e;
+  }
+  return out;
+}
+
+function memoFile(memoDir: string, dest: string): string {
+  return path.join(memoDir, `${createHash('sha256').update(dest).digest('hex')}.json`);
+}
+
+async function readMemo(memoDir: string, dest: string): Promise<PublishMemo | undefined> {
+  try {
+    const m = JSON.parse(await fs.readFile(memoFile(memoDir, dest), 'utf8')) as PublishMemo;
+    return m && m.v === 1 && m.dest === dest && typeof m.entries === 'object' ? m : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Files of dest still exactly as the memo recorded them: path -> the sha256 they were verified against. */
+function unchangedFiles(memo: PublishMemo | undefined, now: Map<string, string> | undefined): Map<string, string> {
+  const out = new Map<string, string>();
+  if (!memo || !now) return out;
+  for (const [rel, e] of Object.entries(memo.entries)) if (e.sha256 && now.get(rel) === e.fp) out.set(rel, e.sha256);
+  return out;
+}
+
+/** The whole published set is the one this manifest describes, untouched since. */
+function wholeSetUnchanged(memo: PublishMemo | undefined, now: Map<string, string> | undefined, manifestText: string): boolean {
+  if (!memo || !now || memo.manifest !== createHash('sha256').update(manifestText).digest('hex')) return false;
+  const names = Object.keys(memo.entries);
+  return names.length === now.size && names.every((n) => now.get(n) === memo.entries[n]!.fp);
+}
+
+async function writeMemo(memoDir: string, dest: string, manifestText: string, verified: Map<string, string>): Promise<void> {
+  const now = await fingerprints(dest);
+  if (!now) return;
+  const entries: PublishMemo['entries'] = {};
+  for (const [rel, fp] of now) entries[rel] = verified.has(rel) ? { fp, sha256: verified.get(rel) } : { fp };
+  const memo: PublishMemo = { v: 1, dest, manifest: createHash('sha256').update(manifestText).digest('hex'), entries };
+  await fs.mkdir(memoDir, { recursive: true });
+  // A hint: a lost or torn memo only costs a full publish next time, so no fsync.
+  await writeAtomic(memoFile(memoDir, dest), JSON.stringify(memo), memoDir, { durable: false });
 }
 
 /** Copy src to dst and return what was copied (sha256 and size), hashing the bytes as they go by. */
@@ -128,8 +220,15 @@ export async function copyHashed(src: string, dst: string): Promise<{ sha256: st
 
 export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, opts: PublishOptions): Promise<Published> {
   const manifest = makeManifest(plan, variant, entries, opts.builderVersion, !!opts.sign);
+  const manifestText = stableJson(manifest);
   const parent = within(opts.outRoot, variant);
   const dest = within(parent, plan.arch);
+  // Unchanged since we published it: nothing to copy, hash or write. A signed
+  // publish always re-signs (the key may have changed).
+  const memo = opts.memoDir ? await readMemo(opts.memoDir, dest) : undefined;
+  const before = memo ? await fingerprints(dest) : undefined;
+  if (!opts.sign && wholeSetUnchanged(memo, before, manifestText)) return { variant, dir: dest, manifest };
+  const reusable = unchangedFiles(memo, before);
   await fs.mkdir(parent, { recursive: true });
   // A killed publish leaves its staging beside dest; its owner (pid, start time) is in the name.
   for (const n of await fs.readdir(parent)) if (n.startsWith(`.${plan.arch}.tmp-`) && ownerGone(n)) await safeRemove(path.join(parent, n));
@@ -142,6 +241,15 @@ export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<
     for (const o of manifest.outputs) {
       const dst = within(tmp, o.path);
       await fs.mkdir(path.dirname(dst), { recursive: true });
+      // The file already published from this blob and untouched since (its memo'd
+      // fingerprint holds): link it instead of copying and hashing it again.
+      if (reusable.get(o.path) === o.sha256) {
+        const linked = await fs.link(within(dest, o.path), dst).then(() => true, () => false);
+        if (linked) {
+          await fs.chmod(dst, execs.has(o.path) ? 0o755 : 0o644);
+          continue;
+        }
+      }
       // Hash while copying: what lands in images/ is exactly what was hashed, and
       // it must be what the record says, whatever happened to the cache meanwhile.
       const got = await copyHashed(opts.blobPath(o.sha256), dst).catch((e: NodeJS.ErrnoException) => {
@@ -157,7 +265,7 @@ export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<
       await fs.chmod(dst, execs.has(o.path) ? 0o755 : 0o644);
     }
     await fs.writeFile(path.join(tmp, SUMS_NAME), sumsFile(manifest.outputs));
-    await fs.writeFile(path.join(tmp, MANIFEST_NAME), stableJson(manifest));
+    await fs.writeFile(path.join(tmp, MANIFEST_NAME), manifestText);
     const subjects = [...manifest.outputs.map((o) => ({ name: o.path, sha256: o.sha256 }))];
     for (const meta of [SUMS_NAME, MANIFEST_NAME]) subjects.push({ name: meta, sha256: (await hashFile(path.join(tmp, meta))).sha256 });
     await fs.writeFile(path.join(tmp, STATEMENT_NAME), statementBytes(buildStatement(manifest, subjects)));
@@ -172,6 +280,7 @@ export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<
     await safeRemove(tmp);
     throw e;
   }
+  if (opts.memoDir) await writeMemo(opts.memoDir, dest, manifestText, new Map(manifest.outputs.map((o) => [o.path, o.sha256]))).catch(() => {});
   return { variant, dir: dest, manifest };
 }
 

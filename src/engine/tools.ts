@@ -6,6 +6,7 @@ import path from 'node:path';
 import { sha256File } from '../lib/digest.js';
 import type { ToolSpec } from '../stage.js';
 import { writeAtomic } from './cache.js';
+import { sha256 } from './canonical.js';
 import { spawnProcess } from './process.js';
 
 export interface ToolFact {
@@ -76,10 +77,16 @@ interface MemoEntry {
   stamp: string;
   version: string;
   versionKnown: boolean;
+  /** Checksum over key and fields: a flipped byte in the memo must never change a cache key. */
+  sum: string;
 }
 type Memo = Record<string, MemoEntry>;
 
-const MEMO_FORMAT = 'tool-versions/1';
+const MEMO_FORMAT = 'tool-versions/2';
+
+function memoSum(key: string, e: Omit<MemoEntry, 'sum'>): string {
+  return sha256(JSON.stringify([key, e.stamp, e.version, e.versionKnown]));
+}
 
 function memoFile(cacheDir: string): string {
   return path.join(cacheDir, 'host', 'tool-versions.json');
@@ -89,7 +96,9 @@ async function readMemo(cacheDir: string | undefined): Promise<Memo> {
   if (!cacheDir) return {};
   try {
     const j = JSON.parse(await fs.readFile(memoFile(cacheDir), 'utf8')) as { format?: string; entries?: Memo };
-    return j.format === MEMO_FORMAT && j.entries ? j.entries : {};
+    if (j.format !== MEMO_FORMAT || !j.entries || typeof j.entries !== 'object') return {};
+    // Entries that fail their checksum are dropped: the tool is simply asked again.
+    return Object.fromEntries(Object.entries(j.entries).filter(([k, e]) => e && typeof e === 'object' && e.sum === memoSum(k, e)));
   } catch {
     return {};
   }
@@ -142,7 +151,7 @@ export async function probeTools(tools: ToolSpec[], cacheDir?: string, pathEnv?:
       }
       // Re-stat: if the binary changed while we ran it, do not memoise a mixed result.
       if ((await stampOf(real, args).catch(() => '')) === stamp) {
-        memo[key] = { stamp, version, versionKnown };
+        memo[key] = { stamp, version, versionKnown, sum: memoSum(key, { stamp, version, versionKnown }) };
         dirty = true;
       }
       return { name: t.name, apt: t.apt, path: found, version, versionKnown, memo: false };

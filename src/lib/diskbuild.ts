@@ -1,11 +1,11 @@
-// I/O steps shared by the disk emitters (raw, iso) and the engine's RunContext
+// I/O steps shared by the disk emitters (raw, iso, rpi4) and the engine's RunContext
 // (which unpacks rootfs tarballs for every kind): finding and unpacking the rootfs
 // tarball, walking the tree, building a FAT image with mtools and GRUB images with the
 // host's grub-mkimage. All of it without mounting anything.
 import { createHash } from 'node:crypto';
 import { copyFile, lstat, mkdir, readdir, utimes, writeFile } from 'node:fs/promises';
 import { join, posix } from 'node:path';
-import { GRUB_COMMON_MODULES, type TreeEntry, type TreeStats } from './diskimage.js';
+import { debugfsTimeScript, ext4InodeCount, GRUB_COMMON_MODULES, type TreeEntry, type TreeStats } from './diskimage.js';
 import { hashFile } from './digest.js';
 import { StageError, type RunContext, type StageInput } from '../stage.js';
 
@@ -105,15 +105,15 @@ export async function buildFat(
   }
 }
 
-export type GrubTarget = 'x86_64-efi' | 'i386-pc' | 'i386-pc-eltorito';
+export type GrubTarget = 'x86_64-efi' | 'arm64-efi' | 'i386-pc' | 'i386-pc-eltorito';
 
 /** A GRUB image with the early config and every module it needs built in (host grub-mkimage). */
 export async function grubImage(ctx: Ctx, target: GrubTarget, out: string, earlyCfg: string, scratch: string, extraModules: string[] = []): Promise<void> {
   const cfg = join(scratch, `grub-early-${target}.cfg`);
   await writeFile(cfg, earlyCfg);
-  const platform = target === 'x86_64-efi' ? ['efi_gop', 'efi_uga', 'all_video'] : ['biosdisk'];
+  const platform = target === 'x86_64-efi' ? ['efi_gop', 'efi_uga', 'all_video'] : target === 'arm64-efi' ? ['efi_gop', 'all_video'] : ['biosdisk'];
   const modules = [...new Set([...platform, ...GRUB_COMMON_MODULES, ...extraModules])];
-  const dir = `/usr/lib/grub/${target === 'x86_64-efi' ? 'x86_64-efi' : 'i386-pc'}`;
+  const dir = `/usr/lib/grub/${target === 'i386-pc-eltorito' ? 'i386-pc' : target}`;
   await ctx.exec('grub-mkimage', ['--directory', dir, '--format', target, '--output', out, '--config', cfg, '--prefix', '/boot/grub', ...modules]);
 }
 
@@ -134,4 +134,55 @@ export async function stampTree(root: string, epoch: number): Promise<void> {
 export async function ddInto(ctx: Ctx, src: string, disk: string, offsetBytes: number): Promise<void> {
   if (offsetBytes % (1024 * 1024) !== 0) throw new StageError(`internal: offset ${offsetBytes} is not MiB aligned`);
   await ctx.exec('dd', [`if=${src}`, `of=${disk}`, 'bs=1M', `seek=${offsetBytes / (1024 * 1024)}`, 'conv=notrunc,sparse', 'status=none']);
+}
+
+/** Fixed mke2fs defaults so the filesystem does not depend on the host's /etc/mke2fs.conf. */
+export const MKE2FS_CONF = `[defaults]
+	base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+	default_mntopts = acl,user_xattr
+	blocksize = 4096
+	inode_size = 256
+	inode_ratio = 16384
+[fs_types]
+	ext4 = {
+		features = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+	}
+`;
+
+/**
+ * An ext4 image of exactly `bytes` filled from `tree` with mke2fs -d: fixed features
+ * (MKE2FS_CONF), UUID and hash seed given, time faked to the epoch, then a debugfs
+ * pass pins atime/ctime (mke2fs copies them from the unpacked tree).
+ */
+export async function buildExt4(
+  ctx: Ctx,
+  o: {
+    image: string; bytes: number; tree: string; stats: TreeStats; entries: TreeEntry[]; label: string; uuid: string; hashSeed: string; extraArgs?: string[]; scratch: string;
+    /** debugfs commands that change the filesystem after mke2fs (the tree is shared and read-only); run before the times are pinned. */
+    edits?: string[];
+  },
+): Promise<void> {
+  const epoch = ctx.sourceDateEpoch;
+  const conf = join(o.scratch, 'mke2fs.conf');
+  await writeFile(conf, MKE2FS_CONF);
+  const e2env = { MKE2FS_CONFIG: conf, E2FSPROGS_FAKE_TIME: String(epoch), SOURCE_DATE_EPOCH: String(epoch), TZ: 'UTC' };
+  await writeFile(o.image, '');
+  await ctx.exec('truncate', ['--size', String(o.bytes), o.image]);
+  await ctx.exec(
+    'mke2fs',
+    [
+      '-q', '-F', '-t', 'ext4', '-d', o.tree, '-L', o.label, '-U', o.uuid,
+      '-N', String(ext4InodeCount(o.stats, o.bytes)),
+      '-E', `hash_seed=${o.hashSeed},root_owner=0:0,lazy_itable_init=0,nodiscard`,
+      ...(o.extraArgs ?? []),
+      '-m', '0', o.image,
+    ],
+    { env: e2env },
+  );
+  const script = join(o.scratch, 'debugfs.cmds');
+  await writeFile(script, (o.edits?.length ? o.edits.join('\n') + '\n' : '') + debugfsTimeScript(o.entries, epoch));
+  const dbg = await ctx.exec('debugfs', ['-w', '-f', script, o.image], { env: e2env, capture: true });
+  // debugfs reports per-command errors on stderr but exits 0.
+  const errs = dbg.stderr.split('\n').filter((l) => l.trim() && !/^debugfs \d/.test(l));
+  if (errs.length) throw new StageError(`debugfs could not edit the filesystem or pin timestamps: ${errs.slice(0, 5).join('; ')}`);
 }

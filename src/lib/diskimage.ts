@@ -3,15 +3,19 @@
 // GRUB i386-pc boot-sector patching. No I/O here except firstDifference.
 import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
+import { ARCH } from '../arch.js';
 
 export const SECTOR = 512;
 export const MiB = 1024 * 1024;
 
-/** GPT partition type GUIDs. Root uses the Discoverable Partitions type for x86-64. */
+/**
+ * GPT partition type GUIDs. The root types per arch (Discoverable Partitions
+ * Specification) live in the arch table (src/arch.ts, gptRootType).
+ */
 export const GPT_TYPE = {
   biosBoot: '21686148-6E69-6E6F-7445-656564454649',
   esp: 'C12A7328-F81F-11D2-BA4B-00A0C93EC93B',
-  rootX86_64: '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709',
+  rootX86_64: ARCH.amd64.gptRootType,
 } as const;
 
 /** n bytes derived from a seed and a purpose label (sha256 in counter mode). */
@@ -258,6 +262,25 @@ export function grubConfig(entry: GrubEntry, timeout: number): string {
   ].join('\n');
 }
 
+/** Characters no boot-loader config line (grub.cfg, loader entry, cmdline.txt) may carry. */
+function checkConfigValue(v: string): void {
+  if (/[\n\r;'"`$\\{}]/.test(v)) throw new Error(`"${v}" contains characters not allowed in a boot menu entry`);
+}
+
+/**
+ * systemd-boot's loader.conf and its one Type #1 entry (paths relative to the ESP).
+ * systemd-boot hands the initrd to the kernel's EFI stub, which every Debian arm64
+ * kernel has.
+ */
+export function systemdBootConfig(entry: GrubEntry, timeout: number): { loader: string; entry: string } {
+  for (const v of [entry.title, entry.kernel, entry.initrd, entry.cmdline]) checkConfigValue(v);
+  return {
+    // `timeout 0` would hide the menu entirely; the menu shows on the firmware console.
+    loader: [`timeout ${timeout}`, 'default linux.conf', 'editor no', ''].join('\n'),
+    entry: [`title ${entry.title}`, `linux ${entry.kernel}`, `initrd ${entry.initrd}`, `options ${entry.cmdline}`, ''].join('\n'),
+  };
+}
+
 /** Early config embedded in GRUB images: find our filesystem, then load grub.cfg from it. */
 export function grubEarlyConfig(search: { fsUuid: string } | { label: string }): string {
   const how = 'fsUuid' in search ? `--fs-uuid ${search.fsUuid}` : `--label ${search.label}`;
@@ -290,6 +313,67 @@ export function debugfsTimeScript(entries: TreeEntry[], epoch: number): string {
     if (e.mtimeSec > epoch) lines.push(`sif ${q} mtime @${epoch}`);
   }
   return lines.join('\n') + '\n';
+}
+
+export interface MbrPartitionRequest {
+  /** MBR type byte in hex, e.g. "c" (FAT32 LBA), "83" (Linux). */
+  type: string;
+  bytes: number;
+}
+
+export interface MbrPlan {
+  /** Disk identifier, 0x + 8 hex digits. */
+  labelId: string;
+  totalBytes: number;
+  partitions: { number: number; type: string; startLba: number; sizeLba: number }[];
+}
+
+/**
+ * MBR layout for boards whose boot ROM reads only MBR (the Raspberry Pi): the first
+ * partition starts at `firstBytes`, each MiB aligned, back to back, and the disk ends
+ * with the last partition. The disk id derives from the seed.
+ */
+export function planMbrDisk(parts: MbrPartitionRequest[], seed: string, firstBytes = 4 * MiB): MbrPlan {
+  let lba = alignUp(firstBytes, MiB) / SECTOR;
+  const partitions = parts.map((p, i) => {
+    if (!/^[0-9a-f]{1,2}$/.test(p.type)) throw new Error(`MBR type "${p.type}" is not a hex byte`);
+    const sizeLba = alignUp(p.bytes, MiB) / SECTOR;
+    const out = { number: i + 1, type: p.type, startLba: lba, sizeLba };
+    lba += sizeLba;
+    return out;
+  });
+  if (partitions.length > 4) throw new Error('an MBR disk holds at most 4 primary partitions');
+  return { labelId: `0x${deriveBytes(seed, 'mbr-disk-id', 4).toString('hex')}`, totalBytes: lba * SECTOR, partitions };
+}
+
+/** sfdisk input that writes exactly the MBR plan. */
+export function sfdiskMbrScript(plan: MbrPlan): string {
+  const lines = ['label: dos', `label-id: ${plan.labelId}`, 'unit: sectors', 'sector-size: 512', ''];
+  for (const p of plan.partitions) lines.push(`start=${p.startLba}, size=${p.sizeLba}, type=${p.type}`);
+  return lines.join('\n') + '\n';
+}
+
+/**
+ * The Raspberry Pi firmware's config.txt for a 64-bit upstream (Debian) kernel, as
+ * Debian's raspi-firmware kernel hook writes it: 64-bit mode, the UART on, the
+ * upstream device-tree names, and the kernel + initramfs by file name.
+ */
+export function raspiConfigTxt(o: { kernel: string; initramfs: string }): string {
+  for (const v of [o.kernel, o.initramfs]) if (!/^[A-Za-z0-9._+-]+$/.test(v)) throw new Error(`"${v}" is not a plain file name for config.txt`);
+  return ['[all]', 'arm_64bit=1', 'enable_uart=1', 'upstream_kernel=1', `kernel=${o.kernel}`, `initramfs ${o.initramfs} followkernel`, ''].join('\n');
+}
+
+/** Files config.txt names (kernel=, initramfs, device_tree=…): what the firmware will load. */
+export function raspiConfigFiles(text: string): string[] {
+  const out: string[] = [];
+  for (const raw of text.split('\n')) {
+    const l = raw.trim();
+    let m = /^(kernel|device_tree|ramfsfile)=(\S+)$/.exec(l);
+    if (m) out.push(m[2]!);
+    m = /^initramfs\s+(\S+)/.exec(l);
+    if (m) out.push(m[1]!);
+  }
+  return out;
 }
 
 /** ISO 9660 volume ids: upper case, digits, underscore; at most 32. */

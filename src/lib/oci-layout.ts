@@ -8,7 +8,7 @@ import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zc, createGzip } from 'node:zlib';
 import { canonicalize } from '../engine/canonical.js';
-import type { Arch } from '../stage.js';
+import { ARCH, type Arch } from '../arch.js';
 import { ContentReader, dirInode, encodeHeader, END_OF_ARCHIVE, FsTree, type Inode, padding, showPath, TarError } from './tarfs.js';
 
 export const MEDIA = {
@@ -38,7 +38,7 @@ export interface Platform {
 }
 
 export function platformOf(arch: Arch): Platform {
-  return arch === 'arm64' ? { architecture: 'arm64', os: 'linux', variant: 'v8' } : { architecture: 'amd64', os: 'linux' };
+  return { ...ARCH[arch].oci };
 }
 
 // ---------------------------------------------------------------- bootc layout

@@ -94,7 +94,8 @@ export function gitlabPipeline(entries: MatrixEntry[], opts: { image?: string } 
     doc[`build-${e.id}`] = {
       stage: 'build',
       variables: { PIPELINE_ARCH: e.arch, PIPELINE_VARIANT: e.variant },
-      script: ['npx pipeline build "$PIPELINE_ARCH" "$PIPELINE_VARIANT" --remote-cache "$PIPELINE_REMOTE_CACHE" --json'],
+      // The remote cache comes from $PIPELINE_REMOTE_CACHE (a CI/CD variable), read by the CLI itself.
+      script: ['npx pipeline build "$PIPELINE_ARCH" "$PIPELINE_VARIANT" --json'],
       artifacts: { paths: [`images/${e.variant}/${e.arch}/`] },
     };
   }

@@ -7,6 +7,9 @@ import { UsageError } from '../engine/errors.js';
 export const CACHE_ARTIFACT_TYPE = 'application/vnd.pipeline.cache.entry.v1';
 export const RECORD_MEDIA_TYPE = 'application/vnd.pipeline.cache.record.v1+json';
 export const FILE_MEDIA_TYPE = 'application/octet-stream';
+/** An optional Sigstore bundle over the record digest (see sign.ts). */
+export const BUNDLE_MEDIA_TYPE = 'application/vnd.dev.sigstore.bundle.v0.3+json';
+const NOT_FILES = new Set([RECORD_MEDIA_TYPE, BUNDLE_MEDIA_TYPE]);
 /** Title of the record layer; stage outputs are regular files under their own paths. */
 export const RECORD_TITLE = 'pipeline-cache-record.json';
 export const TITLE = 'org.opencontainers.image.title';
@@ -70,7 +73,7 @@ export function checkRemoteEntry(key: string, m: CacheManifest, record: Buffer):
   const r = parseRecord(key, record.toString('utf8'));
   if ('problem' in r) return { problem: `record: ${r.problem}${r.expected ? ` (expected ${r.expected}, found ${r.found})` : ''}` };
   if (!r.sealed) return { problem: 'record has no seal' };
-  const files = (m.layers ?? []).filter((l) => l.mediaType !== RECORD_MEDIA_TYPE);
+  const files = (m.layers ?? []).filter((l) => !NOT_FILES.has(l.mediaType ?? ''));
   if (files.length !== r.entry.files.length) return { problem: `${files.length} file layers for ${r.entry.files.length} files in the record` };
   const byTitle = new Map(files.map((l) => [l.annotations?.[TITLE], l]));
   for (const f of r.entry.files) {

@@ -11,10 +11,9 @@ import { DSSE_PAYLOAD_TYPE, STATEMENT_TYPE } from '../engine/provenance.js';
 import type { ArtifactFile, RemoteManifest } from '../registry/artifact.js';
 import { signStatement, type SignOptions } from '../signing/signing.js';
 import { verifySignature } from '../signing/verify.js';
-import { TITLE } from './entry.js';
+import { BUNDLE_MEDIA_TYPE, TITLE } from './entry.js';
 import type { EntryTrust } from './store.js';
 
-export const BUNDLE_MEDIA_TYPE = 'application/vnd.dev.sigstore.bundle.v0.3+json';
 export const BUNDLE_TITLE = 'pipeline-cache-record.sigstore.json';
 export const CACHE_PREDICATE_TYPE = 'https://pipeline.invalid/cache-entry/v1';
 

@@ -91,7 +91,7 @@ export class RegistryRemoteStore implements RemoteStore {
   private off(e: unknown, doing: string): undefined {
     if (this.stats.unavailable === undefined) {
       this.stats.unavailable = errText(e);
-      this.opts.warn(`remote cache ${this.location.repo} is not usable (${doing}: ${this.stats.unavailable}); building locally without it for the rest of this run`);
+      this.opts.warn(`remote cache ${this.location.repo} is not usable (${doing}: ${this.stats.unavailable}); going on without it for the rest of this run (stages are built locally)`);
     }
     return undefined;
   }

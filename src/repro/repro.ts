@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { allVariants, loadSpec } from '../engine/build.js';
-import { Cache, writeAtomic, type Entry } from '../engine/cache.js';
+import { Cache, defaultCacheRoot, writeAtomic, type Entry } from '../engine/cache.js';
 import { requirements } from '../engine/compile.js';
 import { hashFile } from '../lib/digest.js';
 import { firstDifference } from '../lib/diskimage.js';
@@ -174,12 +174,13 @@ function childEnv(side: Side, epoch: number): NodeJS.ProcessEnv {
   return env;
 }
 
-async function runBuild(side: Side, o: { arch: string; variants: string[]; spec: string; epoch: number; jobs?: number; signal?: AbortSignal }): Promise<BuildRun> {
+async function runBuild(side: Side, o: { arch: string; variants: string[]; spec: string; epoch: number; jobs?: number; signal?: AbortSignal; offline?: boolean }): Promise<BuildRun> {
   await Promise.all([side.cache, side.out, side.tmp].map((d) => fs.mkdir(d, { recursive: true })));
   const logFile = path.join(side.dir, 'build.log');
   const log = createWriteStream(logFile);
   const cli = [process.execPath, BIN, 'build', o.arch, ...o.variants, '-f', o.spec, '--out', side.out, '--json'];
   if (o.jobs) cli.push('--jobs', String(o.jobs));
+  if (o.offline) cli.push('--offline');
   const cmd = side.faketime ? ['faketime', '-f', side.faketime, ...cli] : cli;
   const t0 = performance.now();
   const tail: string[] = [];
@@ -356,7 +357,11 @@ export async function repro(opts: ReproOptions): Promise<ReproReport> {
   let keepWork = !!opts.keep;
   try {
     const [A, B] = sides(work, faketime);
-    const buildOpts = { arch: opts.arch, variants, spec: loaded.file, epoch: epoch.value, jobs: opts.jobs, signal: opts.signal };
+    // A locked spec: both builds install the locked .debs from copies of the user's store, offline.
+    const { seedLockedStores } = await import('../lock/lock.js');
+    const offline = await seedLockedStores(loaded.file, opts.arch, defaultCacheRoot(), [A.cache, B.cache], opts.signal);
+    if (offline) log('repro: the spec is locked; both builds install the locked .debs offline');
+    const buildOpts = { arch: opts.arch, variants, spec: loaded.file, epoch: epoch.value, jobs: opts.jobs, signal: opts.signal, offline };
     const describe = (s: Side) => `umask ${s.umask}, ${Object.entries(s.env).map(([k, v]) => (v === null ? `${k} unset` : `${k}=${v}`)).join(', ')}${s.faketime ? `, faketime ${s.faketime}` : ''}`;
     const infos: ReproBuildInfo[] = [];
 

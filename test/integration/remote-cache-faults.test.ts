@@ -198,10 +198,10 @@ test('killed mid-push: no tag names the partial entry; the next push completes i
   // The local cache kept the committed stage; an explicit push completes the entry.
   const p = await cli(['cache', 'push', url, 'amd64', 'one', '-f', spec, '--json'], { env: { PIPELINE_CACHE_DIR: cache, PIPELINE_KINDS_PATH: KINDS } });
   assert.equal(p.code, 0, p.stderr);
-  assert.ok((await tags(reg)).includes(`cache-${baseKey}`));
+  assert.ok((await tags(reg)).includes(`cache-${baseKey}`), p.stdout + p.stderr);
   const pull = await cli(['cache', 'pull', url, 'amd64', 'one', '-f', spec, '--json'], { env: { PIPELINE_CACHE_DIR: path.join(dir, 'fresh'), PIPELINE_KINDS_PATH: KINDS } });
   assert.equal(pull.code, 0, pull.stderr);
-  assert.ok((JSON.parse(pull.stdout) as { pulled: string[] }).pulled.includes('base'));
+  assert.ok((JSON.parse(pull.stdout) as { stages: string[] }).stages.includes('base'), pull.stdout + pull.stderr);
 });
 
 test('an unreachable registry: the build succeeds from scratch with one warning', async () => {
@@ -210,7 +210,7 @@ test('an unreachable registry: the build succeeds from scratch with one warning'
   assert.equal(j.r.code, 0, j.r.stderr);
   assert.deepEqual(j.s.executed.sort(), ['base', 'one']);
   assert.equal(j.warnings.length, 1, j.r.stderr);
-  assert.match(j.warnings[0]!, /remote cache 127\.0\.0\.1:\d+\/pipeline\/cache is not usable .*unreachable.*building locally/);
+  assert.match(j.warnings[0]!, /remote cache 127\.0\.0\.1:\d+\/pipeline\/cache is not usable .*unreachable.*built locally/);
   assert.deepEqual(await published(j, 'one'), await published(await localBuild('one'), 'one'));
 });
 
@@ -254,7 +254,7 @@ test('signed entries: with --remote-cache-verify-key only entries signed by that
   assert.equal(j1.r.code, 0, j1.r.stderr);
   const ok = await job(['amd64', 'two'], { remote: url, extra: ['--remote-cache-verify-key', path.join(keys, 'signing.pub')], env: { PIPELINE_REMOTE_CACHE_MODE: 'read' } });
   assert.equal(ok.r.code, 0, ok.r.stderr);
-  assert.deepEqual(ok.s.pulled, ['base']);
+  assert.deepEqual(ok.s.pulled, ['base'], ok.r.stderr);
   assert.deepEqual(ok.warnings, []);
   const wrong = await job(['amd64', 'two'], { remote: url, extra: ['--remote-cache-verify-key', path.join(other, 'signing.pub')], env: { PIPELINE_REMOTE_CACHE_MODE: 'read' } });
   assert.equal(wrong.r.code, 0, wrong.r.stderr);

@@ -79,7 +79,7 @@ test('repro catches the injected nondeterminism and names the wallclock stage an
   for (const b of rep.builds) assert.equal(existsSync(b.dir), false, `${b.dir} should have been removed`);
 });
 
-test('repro --keep: the human report names the stage, and both trees stay', async () => {
+test('repro --keep: the human report names the stage, and both trees stay', async (t) => {
   const reportFile = path.join(tmp, 'nd-keep.json');
   const r = await cli(['repro', 'amd64', 'stamp', '-f', 'fixtures/nondeterministic.yaml', '--keep', '--no-faketime', '--report', reportFile], { env: KINDS });
   assert.equal(r.code, 1, r.stderr);
@@ -89,11 +89,11 @@ test('repro --keep: the human report names the stage, and both trees stay', asyn
   assert.match(r.stdout, /✓ base/);
   assert.match(r.stdout, /bundle .*\(downstream of clock\)/);
   const rep = JSON.parse(readFileSync(reportFile, 'utf8')) as ReproReport;
+  if (rep.kept) t.after(() => rmSync(rep.kept!, { recursive: true, force: true }));
   assert.equal(rep.clock.mode, 'none');
   assert.ok(rep.kept && existsSync(rep.kept));
   assert.match(r.stdout, new RegExp(`kept both trees in ${rep.kept.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}`));
   for (const b of rep.builds) assert.ok(existsSync(path.join(b.dir, 'build.log')));
-  rmSync(rep.kept, { recursive: true, force: true });
 });
 
 test('repro: an unknown variant is a usage error before anything is built', async () => {

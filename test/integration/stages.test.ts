@@ -53,7 +53,7 @@ test('pure helpers', () => {
   assert.throws(() => pickKernel('auto', []), /no kernel/);
   const d = dracutArgs(DrParams.parse({ modules: ['pipeline-test'], drivers: ['virtio_mmio'], cmdline: 'quiet' }), 'K');
   assert.deepEqual(d.slice(0, 5), ['--reproducible', '--no-hostonly', '--force', '--kver', 'K']);
-  assert.ok(d.join(' ').includes('--add pipeline-test --add-drivers virtio_mmio --kernel-cmdline quiet --gzip'));
+  assert.ok(d.join(' ').includes('--add pipeline-test --add-drivers virtio_mmio --kernel-cmdline quiet --compress /var/tmp/pipeline-host-zstd/zstd -q -T0 -10'));
   assert.throws(() => DrParams.parse({ modules: ['a b'] }));
 
   assert.equal(ipxeScript('console=ttyS0'), '#!ipxe\nkernel vmlinuz initrd=initrd.img console=ttyS0\ninitrd initrd.img\nboot\n');
@@ -104,7 +104,7 @@ test('rootfs -> dracut -> ipxe boots under qemu', { skip: !ready && 'needs root,
     assert.deepEqual(out.files, ['boot.ipxe', 'initrd.img', 'vmlinuz']);
     assert.match(await readFile(join(out.dir, 'boot.ipxe'), 'utf8'), /^#!ipxe\nkernel vmlinuz initrd=initrd.img console=ttyS0/);
 
-    const plans = [ipxe.boot!({ arch: 'amd64', params: ipxeParams, dir: out.dir, workDir: base })].flat();
+    const plans = [await ipxe.boot!({ arch: 'amd64', params: ipxeParams, dir: out.dir, workDir: base })].flat();
     assert.equal(plans.length, 2);
     const [direct, net] = plans;
     // The direct boot takes its command line from the published boot.ipxe, not from params.
@@ -134,7 +134,7 @@ test('rootfs -> dracut -> ipxe boots under qemu', { skip: !ready && 'needs root,
     await mkdir(badDir);
     for (const f of out.files) await copyFile(join(out.dir, f), join(badDir, f));
     await writeFile(join(badDir, 'boot.ipxe'), ipxeScript('console=ttyS0 pipeline.test=0 root=/dev/nonexistent rd.retry=1 rd.timeout=5'));
-    const bad = [ipxe.boot!({ arch: 'amd64', params: ipxeParams, dir: badDir, workDir: base })].flat()[0];
+    const bad = [await ipxe.boot!({ arch: 'amd64', params: ipxeParams, dir: badDir, workDir: base })].flat()[0];
     const r3 = await bootTest(bad, { expect: ['PIPELINE-BOOT-OK'], forbid: DEFAULT_FORBID, timeoutMs: 300_000 });
     assert.equal(r3.ok, false);
     assert.deepEqual(r3.missing, ['PIPELINE-BOOT-OK']);

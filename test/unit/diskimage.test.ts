@@ -166,3 +166,57 @@ test('firstDifference on buffers and files', async () => {
   assert.equal(await firstDifference(join(d, 'a'), join(d, 'c')), 4 * MiB);
   assert.equal(await firstDifference(join(d, 'b'), big), 5 * MiB + 3);
 });
+
+test('MBR plan for the Pi: first partition at 4 MiB, MiB aligned, back to back, derived disk id; sfdisk script', async () => {
+  const { planMbrDisk, sfdiskMbrScript } = await import('../../src/lib/diskimage.js');
+  const plan = planMbrDisk([{ type: 'c', bytes: 508 * MiB }, { type: '83', bytes: 1000 * MiB + 1 }], 'seed');
+  assert.deepEqual(plan.partitions, [
+    { number: 1, type: 'c', startLba: 8192, sizeLba: 508 * 2048 },
+    { number: 2, type: '83', startLba: 512 * 2048, sizeLba: 1001 * 2048 },
+  ]);
+  assert.equal(plan.totalBytes, (512 + 1001) * MiB);
+  assert.match(plan.labelId, /^0x[0-9a-f]{8}$/);
+  assert.equal(plan.labelId, planMbrDisk([{ type: 'c', bytes: MiB }], 'seed').labelId);
+  assert.notEqual(plan.labelId, planMbrDisk([{ type: 'c', bytes: MiB }], 'other').labelId);
+  assert.equal(
+    sfdiskMbrScript(plan),
+    `label: dos\nlabel-id: ${plan.labelId}\nunit: sectors\nsector-size: 512\n\nstart=8192, size=1040384, type=c\nstart=1048576, size=2050048, type=83\n`,
+  );
+  assert.throws(() => planMbrDisk([{ type: 'zz', bytes: MiB }], 's'), /hex byte/);
+  assert.throws(() => planMbrDisk(Array.from({ length: 5 }, () => ({ type: '83', bytes: MiB })), 's'), /at most 4/);
+});
+
+test('config.txt names a 64-bit upstream kernel and its initramfs; raspiConfigFiles reads them back', async () => {
+  const { raspiConfigTxt, raspiConfigFiles } = await import('../../src/lib/diskimage.js');
+  const txt = raspiConfigTxt({ kernel: 'vmlinuz-6.1.0-1-arm64', initramfs: 'initrd.img-6.1.0-1-arm64' });
+  for (const l of ['arm_64bit=1', 'enable_uart=1', 'upstream_kernel=1', 'kernel=vmlinuz-6.1.0-1-arm64', 'initramfs initrd.img-6.1.0-1-arm64 followkernel']) {
+    assert.ok(txt.split('\n').includes(l), l);
+  }
+  assert.deepEqual(raspiConfigFiles(txt), ['vmlinuz-6.1.0-1-arm64', 'initrd.img-6.1.0-1-arm64']);
+  assert.deepEqual(raspiConfigFiles('# c\ndevice_tree=bcm2711-rpi-4-b.dtb\n'), ['bcm2711-rpi-4-b.dtb']);
+  assert.throws(() => raspiConfigTxt({ kernel: 'a b', initramfs: 'x' }), /plain file name/);
+});
+
+test('systemd-boot loader.conf and entry: kernel, initrd and options verbatim; metacharacters refused', async () => {
+  const { systemdBootConfig } = await import('../../src/lib/diskimage.js');
+  const c = systemdBootConfig({ title: 'Linux', kernel: '/boot/vmlinuz', initrd: '/boot/initrd.img', cmdline: 'root=UUID=x rw console=ttyAMA0' }, 2);
+  assert.equal(c.loader, 'timeout 2\ndefault linux.conf\neditor no\n');
+  assert.equal(c.entry, 'title Linux\nlinux /boot/vmlinuz\ninitrd /boot/initrd.img\noptions root=UUID=x rw console=ttyAMA0\n');
+  assert.throws(() => systemdBootConfig({ title: 'L', kernel: '/k', initrd: '/i', cmdline: 'a\nlinux /evil' }, 1), /not allowed/);
+});
+
+test('rpi4: cmdline.txt, the non-free-firmware check, the power-of-two SD size', async () => {
+  const { rpi4Cmdline, checkFirmwareComponent, nextPowerOfTwo, withoutConsole } = await import('../../outputs/rpi4.js');
+  assert.equal(rpi4Cmdline(''), 'console=ttyS1,115200 root=LABEL=RASPIROOT rw rootwait');
+  assert.equal(rpi4Cmdline('quiet'), 'console=ttyS1,115200 root=LABEL=RASPIROOT rw rootwait quiet');
+  assert.equal(withoutConsole(rpi4Cmdline('x')), 'root=LABEL=RASPIROOT rw rootwait x');
+  const without = checkFirmwareComponent({ kind: 'mmdebstrap', params: { components: ['main'], packages: ['raspi-firmware'] } });
+  assert.equal(without.length, 1);
+  assert.match(without[0]!, /non-free-firmware/);
+  assert.match(without[0]!, /components/);
+  assert.deepEqual(checkFirmwareComponent({ kind: 'mmdebstrap', params: { components: ['main', 'non-free-firmware'], packages: ['raspi-firmware=1.2'] } }), []);
+  assert.match(checkFirmwareComponent({ kind: 'mmdebstrap', params: { components: ['main', 'non-free-firmware'], packages: [] } }).join(), /raspi-firmware package/);
+  assert.equal(nextPowerOfTwo(1), 1);
+  assert.equal(nextPowerOfTwo(1536 * MiB), 2048 * MiB);
+  assert.equal(nextPowerOfTwo(2048 * MiB), 2048 * MiB);
+});

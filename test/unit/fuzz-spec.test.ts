@@ -20,7 +20,7 @@ import { ROOT } from '../helpers/paths.js';
 // The fixture kinds (fixed-text, wallclock, collect) for fixtures/nondeterministic.yaml.
 process.env[KINDS_PATH_ENV] = path.join(ROOT, 'fixtures', 'kinds');
 
-const SEEDS = [path.join(ROOT, 'pipelines', 'powernode.yaml'), ...readdirSync(path.join(ROOT, 'fixtures')).filter((f) => f.endsWith('.yaml')).map((f) => path.join(ROOT, 'fixtures', f))];
+const SEEDS = [path.join(ROOT, 'pipelines', 'powernode.yaml'), ...readdirSync(path.join(ROOT, 'fixtures')).filter((f) => f.endsWith('.yaml') && !f.startsWith('.')).map((f) => path.join(ROOT, 'fixtures', f))];
 const SEED_BYTES = SEEDS.map((f) => readFileSync(f));
 
 // YAML-significant pieces, spec vocabulary and odd characters: more likely than

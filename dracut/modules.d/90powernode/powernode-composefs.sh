@@ -9,14 +9,16 @@
 #           highest priority first; each is layers/<digest>.cfs on the store
 #
 # Store layout: image.cfs, layers/<digest>.cfs, objects/xx/<62 hex>.
-# 1. First boot: enable fs-verity on every image and object. The build host's
-#    kernel has no fs-verity, so the build cannot; order does not matter for trust
-#    because step 2 measures the images and overlayfs verity=require checks every
-#    object against the digest its image records, so bytes changed before
-#    enabling are still caught. A marker skips the walk on later boots; removing it
-#    or adding verity-less files gains an attacker nothing (see 2 and 4).
-# 2. Measure each image with the kernel (FS_IOC_MEASURE_VERITY via `fsverity
-#    measure`, which fails on a file without verity) against the command line.
+# 1. Enable fs-verity on the images if this is the first boot (the build host's
+#    kernel has no fs-verity, so the build cannot) and measure each with the
+#    kernel (FS_IOC_MEASURE_VERITY via `fsverity measure`, which fails on a file
+#    without verity) against the command line: a wrong image stops here, early.
+# 2. First boot: enable fs-verity on every object (one perl process, see
+#    powernode-verity-enable.pl). Order does not matter for trust: overlayfs
+#    verity=require checks each object's fs-verity digest against the one its
+#    (measured) image records, so bytes changed before enabling are caught. A
+#    marker skips the walk later; removing it or adding verity-less files gains
+#    an attacker nothing (measure fails; overlayfs refuses objects without verity).
 # 3. Mount each image (EROFS, read-only loop).
 # 4. Overlay: lowerdir=layers…:base::objects (objects is a data-only lower),
 #    metacopy=on, redirect_dir=on, verity=require; upper is a tmpfs under
@@ -52,7 +54,11 @@ grep -qw overlay /proc/filesystems || fail "kernel has no overlayfs support"
 command -v fsverity > /dev/null || fail "fsverity is not in the initramfs (install the fsverity package in the rootfs)"
 
 mkdir -p "$STORE" "$MNT"
-mountpoint -q "$STORE" || mount --move /sysroot "$STORE" || fail "cannot move the store partition from /sysroot"
+if ! mountpoint -q "$STORE"; then
+    # The kernel refuses to move a mount whose parent is shared (systemd makes the
+    # initramfs / shared); / of the initramfs is thrown away at switch_root.
+    err=$(mount --make-private / 2>&1 && mount --move /sysroot "$STORE" 2>&1) || fail "cannot move the store partition from /sysroot: $err"
+fi
 [ -f "$STORE/image.cfs" ] || fail "no image.cfs on the root partition"
 
 # enable FILE: fs-verity on, or already on (then measure succeeds).
@@ -60,19 +66,6 @@ enable() {
     fsverity enable "$1" > /dev/null 2>&1 || fsverity measure "$1" > /dev/null 2>&1 \
         || fail "cannot enable fs-verity on ${1#"$STORE"/} (ext4 without the verity feature, or kernel without CONFIG_FS_VERITY)"
 }
-
-if [ ! -e "$STORE/.verity-enabled" ]; then
-    echo "<5>powernode: enabling fs-verity on the composefs store (first boot)" > /dev/kmsg
-    n=0
-    for f in "$STORE"/image.cfs "$STORE"/layers/*.cfs "$STORE"/objects/*/*; do
-        [ -f "$f" ] || continue
-        enable "$f"
-        n=$((n + 1))
-    done
-    : > "$STORE/.verity-enabled"
-    echo "<5>powernode: fs-verity enabled on $n files" > /dev/kmsg
-fi
-mount -o remount,ro "$STORE" 2>/dev/null || :
 
 # measure FILE EXPECTED: the kernel's fs-verity digest must equal EXPECTED.
 measure() {
@@ -82,26 +75,59 @@ measure() {
     [ "$m" = "sha256:$2" ] || fail "${1#"$STORE"/} digest ${m#sha256:} does not match $2 from the command line"
 }
 
+# Images first (a wrong digest is refused before the long object walk).
+first=
+[ -e "$STORE/.verity-enabled" ] || first=1
+[ -z "$first" ] || enable "$STORE/image.cfs"
+measure "$STORE/image.cfs" "$digest"
+IFS=,
+for l in $layers; do
+    is_digest "$l" || fail "powernode.layers= entry $l is not a sha256 fs-verity digest"
+    [ -z "$first" ] || { [ -f "$STORE/layers/$l.cfs" ] && enable "$STORE/layers/$l.cfs"; }
+    measure "$STORE/layers/$l.cfs" "$l"
+done
+unset IFS
+
+if [ -n "$first" ]; then
+    echo "<5>powernode: enabling fs-verity on the object store (first boot)" > /dev/kmsg
+    list_objects() {
+        for f in "$STORE"/objects/*/*; do
+            [ -f "$f" ] && echo "$f"
+        done
+    }
+    if command -v powernode-verity-enable > /dev/null; then
+        # LC_ALL/PERL_BADLANG: the initramfs has no locales; perl would warn about them.
+        n=$(list_objects | LC_ALL=C PERL_BADLANG=0 powernode-verity-enable 2>&1) || fail "cannot enable fs-verity on an object: $n"
+    else
+        n=0
+        for f in "$STORE"/objects/*/*; do
+            [ -f "$f" ] || continue
+            enable "$f"
+            n=$((n + 1))
+        done
+    fi
+    : > "$STORE/.verity-enabled"
+    echo "<5>powernode: fs-verity enabled on $n objects" > /dev/kmsg
+fi
+mount -o remount,ro "$STORE" 2>/dev/null || :
+
 lower=""
 i=0
 IFS=,
 for l in $layers; do
-    is_digest "$l" || fail "powernode.layers= entry $l is not a sha256 fs-verity digest"
-    measure "$STORE/layers/$l.cfs" "$l"
     mkdir -p "$MNT/layer$i"
-    mount -t erofs -o ro,loop "$STORE/layers/$l.cfs" "$MNT/layer$i" || fail "cannot mount layer $l (erofs)"
+    err=$(mount -t erofs -o ro,loop "$STORE/layers/$l.cfs" "$MNT/layer$i" 2>&1) || fail "cannot mount layer $l (erofs): $err"
     lower="$lower$MNT/layer$i:"
     i=$((i + 1))
 done
 unset IFS
-measure "$STORE/image.cfs" "$digest"
 mkdir -p "$MNT/base"
-mount -t erofs -o ro,loop "$STORE/image.cfs" "$MNT/base" || fail "cannot mount image.cfs (erofs)"
+err=$(mount -t erofs -o ro,loop "$STORE/image.cfs" "$MNT/base" 2>&1) || fail "cannot mount image.cfs (erofs): $err"
 
 mkdir -p /run/powernode/rw
-mount -t tmpfs -o mode=0755 powernode-rw /run/powernode/rw || fail "cannot mount the tmpfs upper layer"
+err=$(mount -t tmpfs -o mode=0755 powernode-rw /run/powernode/rw 2>&1) || fail "cannot mount the tmpfs upper layer: $err"
 mkdir -p /run/powernode/rw/upper /run/powernode/rw/work
 opts="lowerdir=$lower$MNT/base::$STORE/objects,upperdir=/run/powernode/rw/upper,workdir=/run/powernode/rw/work,metacopy=on,redirect_dir=on,verity=require"
-mount -t overlay composefs -o "$opts" /sysroot \
-    || fail "overlayfs refused verity=require with a data-only lower (needs Linux >= 6.6 with CONFIG_FS_VERITY)"
+err=$(mount -t overlay composefs -o "$opts" /sysroot 2>&1) \
+    || fail "overlayfs refused verity=require with a data-only lower (needs Linux >= 6.6 with CONFIG_FS_VERITY): $err"
 echo "<5>powernode: verified composefs root mounted (image $digest, $i layer(s))" > /dev/kmsg
