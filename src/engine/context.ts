@@ -2,10 +2,11 @@
 // run-stage helper both call makeRunContext, so a kind sees the same contract
 // (input lookup, unpacked rootfs, metadata) however it is run.
 import { promises as fs } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { Cache } from './cache.js';
+import { createHash } from 'node:crypto';
+import { Cache, writeAtomic } from './cache.js';
 import { safeRemove } from './fsutil.js';
-import { extractRootfs, requireRoot, rootfsTarOf } from '../lib/diskbuild.js';
 import { StageError, type RunContext, type StageInput } from '../stage.js';
 
 /** What the caller supplies; the rest of the RunContext is built here. */
@@ -18,6 +19,29 @@ export interface MadeRunContext {
   ctx: RunContext<unknown>;
   /** Everything the stage recorded with setMeta, merged. */
   meta(): Record<string, unknown>;
+}
+
+function requireRoot(what: string): void {
+  if (typeof process.getuid === 'function' && process.getuid() !== 0) {
+    throw new StageError(`${what} needs root (a rootfs keeps its owners and device nodes)`);
+  }
+}
+
+/** The rootfs tarball of an input: rootfs.tar, or its only *.tar. */
+function rootfsTarOf(input: StageInput, what = 'rootfs'): string {
+  const tars = input.files.filter((f) => f.endsWith('.tar'));
+  const pick = input.files.includes('rootfs.tar') ? 'rootfs.tar' : tars.length === 1 ? tars[0] : undefined;
+  if (!pick) throw new StageError(`input "${what}" (${input.kind}) has no rootfs.tar; files: ${input.files.join(', ') || '(none)'}`);
+  return join(input.dir, pick);
+}
+
+/**
+ * Unpack rootfs.tar keeping owners, modes, device nodes, xattrs (file capabilities)
+ * and the tarball's mtimes. The input tarball itself is never modified.
+ */
+async function extractRootfs(ctx: Pick<RunContext<unknown>, 'exec'>, tarPath: string, dest: string): Promise<void> {
+  await mkdir(dest, { recursive: true });
+  await ctx.exec('tar', ['-C', dest, '--extract', '--file', tarPath, '--preserve-permissions', '--same-owner', '--numeric-owner', '--xattrs', '--xattrs-include=*']);
 }
 
 /** Absolute path of a file a stage needs from one of its inputs; a clear error if it is not there. */
@@ -40,11 +64,35 @@ function cacheOf(inp: StageInput): Cache | undefined {
 // One unpack per rootfs entry in this process, however many stages ask at once.
 const unpacking = new Map<string, Promise<string>>();
 
+/** Forget the unpacks this process made, as a new build process starts (for tests). */
+export function forgetUnpacked(): void {
+  unpacking.clear();
+}
+
+/**
+ * A fingerprint of every entry's metadata in a tree. Any write, chmod, rename or
+ * replacement moves an inode's ctime (which cannot be set back) or its inode
+ * number, so a shared tree that a stage or a person changed never matches again.
+ */
+async function treeStamp(root: string): Promise<string> {
+  const h = createHash('sha256');
+  const visit = async (rel: string): Promise<void> => {
+    const abs = rel ? join(root, rel) : root;
+    const st = await fs.lstat(abs, { bigint: true });
+    h.update(`${rel}\0${st.ino}\0${st.mode}\0${st.size}\0${st.mtimeNs}\0${st.ctimeNs}\n`);
+    if (!st.isDirectory()) return;
+    for (const name of (await fs.readdir(abs)).sort()) await visit(rel ? `${rel}/${name}` : name);
+  };
+  await visit('');
+  return h.digest('hex');
+}
+
 /**
  * The rootfs entry's tarball unpacked once under the cache (unpacked/<key>/tree) and
  * shared by every consumer: raw, iso and dracut used to extract the same 670 MB each.
- * Unpacked in staging and renamed into place with a completion mark, so a killed
- * unpack is never used and a concurrent build's copy is as good as ours.
+ * Unpacked in staging and renamed into place with a completion mark holding the
+ * tree's stamp, so a killed unpack is never used, a tree changed since (it is
+ * shared read-only) is unpacked again, and a concurrent build's copy is as good as ours.
  */
 function sharedTree(ctx: RunContext<unknown>, cache: Cache, inp: StageInput, tar: string): Promise<string> {
   const dir = cache.unpackedPath(inp.key);
@@ -52,16 +100,21 @@ function sharedTree(ctx: RunContext<unknown>, cache: Cache, inp: StageInput, tar
   if (!p) {
     p = (async () => {
       const tree = join(dir, 'tree');
-      if (await fs.access(join(dir, '.complete')).then(() => true, () => false)) return tree;
+      const mark = await fs.readFile(join(dir, '.complete'), 'utf8').catch(() => undefined);
+      if (mark !== undefined) {
+        if (mark.trim() === (await treeStamp(tree).catch(() => ''))) return tree;
+        ctx.log(`the shared unpacked rootfs of ${inp.key.slice(0, 12)} changed since it was unpacked; unpacking it again`);
+      }
       await safeRemove(dir);
       const tmp = await cache.staging('unpack');
       try {
         await extractRootfs(ctx, tar, join(tmp, 'tree'));
-        await fs.writeFile(join(tmp, '.complete'), '');
         await fs.mkdir(dirname(dir), { recursive: true });
+        // The stamp is taken after the rename: a rename moves the tree root's ctime.
         await fs.rename(tmp, dir).catch((e: NodeJS.ErrnoException) => {
           if (e.code !== 'ENOTEMPTY' && e.code !== 'EEXIST') throw e;
         });
+        await writeAtomic(join(dir, '.complete'), (await treeStamp(tree)) + '\n');
       } finally {
         await safeRemove(tmp);
       }

@@ -1,7 +1,6 @@
-// I/O steps shared by the disk emitters (raw, iso, rpi4) and the engine's RunContext
-// (which unpacks rootfs tarballs for every kind): finding and unpacking the rootfs
-// tarball, walking the tree, building a FAT image with mtools and GRUB images with the
-// host's grub-mkimage. All of it without mounting anything.
+// I/O steps shared by the disk emitters (raw, iso, rpi4): walking the tree, building
+// a FAT image with mtools and GRUB images with the host's grub-mkimage. All of it
+// without mounting anything. (Unpacking a rootfs is the RunContext's: ctx.rootfsTree.)
 import { createHash } from 'node:crypto';
 import { copyFile, lstat, mkdir, readdir, utimes, writeFile } from 'node:fs/promises';
 import { join, posix } from 'node:path';
@@ -17,29 +16,6 @@ export async function contentSeed(tag: string, files: string[], extra: unknown):
   for (const f of files) h.update(`${(await hashFile(f)).sha256}\0`);
   h.update(JSON.stringify(extra));
   return h.digest('hex');
-}
-
-export function requireRoot(what: string): void {
-  if (typeof process.getuid === 'function' && process.getuid() !== 0) {
-    throw new StageError(`${what} needs root (a rootfs keeps its owners and device nodes)`);
-  }
-}
-
-/** The rootfs tarball of an input: rootfs.tar, or its only *.tar. */
-export function rootfsTarOf(input: StageInput, what = 'rootfs'): string {
-  const tars = input.files.filter((f) => f.endsWith('.tar'));
-  const pick = input.files.includes('rootfs.tar') ? 'rootfs.tar' : tars.length === 1 ? tars[0] : undefined;
-  if (!pick) throw new StageError(`input "${what}" (${input.kind}) has no rootfs.tar; files: ${input.files.join(', ') || '(none)'}`);
-  return join(input.dir, pick);
-}
-
-/**
- * Unpack rootfs.tar keeping owners, modes, device nodes, xattrs (file capabilities)
- * and the tarball's mtimes. The input tarball itself is never modified.
- */
-export async function extractRootfs(ctx: Ctx, tarPath: string, dest: string): Promise<void> {
-  await mkdir(dest, { recursive: true });
-  await ctx.exec('tar', ['-C', dest, '--extract', '--file', tarPath, '--preserve-permissions', '--same-owner', '--numeric-owner', '--xattrs', '--xattrs-include=*']);
 }
 
 /** Sorted walk of a tree: sizes for filesystem sizing and entries for time fixing. */

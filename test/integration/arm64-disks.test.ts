@@ -48,7 +48,7 @@ test('build --all (no arch: every arch the spec lists) then the arm64 disks: GPT
   assert.equal(r.code, 0, r.stderr);
   assert.equal(summary(r).ok, true);
   // The fixture lists arm64 only: every variant lands in images/<variant>/arm64.
-  assert.deepEqual((await fs.readdir(out)).sort(), ['arm64-uefi', 'iso', 'ipxe', 'kernel-initrd', 'qcow2', 'raw', 'rpi4']);
+  assert.deepEqual((await fs.readdir(out)).sort(), ['arm64-uefi', 'ipxe', 'iso', 'kernel-initrd', 'qcow2', 'raw', 'rpi4']);
   for (const v of await fs.readdir(out)) assert.deepEqual(await fs.readdir(path.join(out, v)), ['arm64']);
   for (const v of VARIANTS) {
     const dir = path.join(out, v, 'arm64');

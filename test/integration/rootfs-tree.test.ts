@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { Cache } from '../../src/engine/cache.js';
-import { makeRunContext } from '../../src/engine/context.js';
+import { forgetUnpacked, makeRunContext } from '../../src/engine/context.js';
 import { runProcess } from '../../src/engine/process.js';
 import type { StageInput } from '../../src/stage.js';
 
@@ -59,6 +59,16 @@ test('a cached rootfs is unpacked once under the cache and shared by concurrent 
   // A later stage (another build) finds it complete and does not unpack again.
   assert.equal(await ctxFor(dir, 'oci', input, execs).rootfsTree(), a);
   assert.equal(execs.filter((e) => e[0] === 'tar').length, 1);
+  // Another build process reuses the tree as it is...
+  forgetUnpacked();
+  assert.equal(await ctxFor(dir, 'oci', input, execs).rootfsTree(), a);
+  assert.equal(execs.filter((e) => e[0] === 'tar').length, 1);
+  // ...but a tree changed since it was unpacked (it is shared read-only) is unpacked again.
+  await fs.writeFile(path.join(a, 'etc', 'hostname'), 'evil\n');
+  forgetUnpacked();
+  const again = await ctxFor(dir, 'qcow2', input, execs).rootfsTree();
+  assert.equal(await fs.readFile(path.join(again, 'etc', 'hostname'), 'utf8'), 'node\n');
+  assert.equal(execs.filter((e) => e[0] === 'tar').length, 2);
   // No record for the key: gc removes the unpacked tree.
   await cache.gc(1 << 30);
   assert.equal(existsSync(cache.unpackedPath(key)), false);
