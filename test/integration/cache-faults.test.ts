@@ -351,11 +351,13 @@ async function footprint(cache: string): Promise<{ files: [string, number][]; by
 
 test('kill -9 mid-stage, then a build: the cache holds exactly what an uninterrupted build leaves', async () => {
   const straight = fresh('straight');
-  const r0 = await build(straight, fresh('out'), ['s']);
+  // One output dir for all three builds: the cache's publish memo is named after it.
+  const out = fresh('out');
+  const r0 = await build(straight, out, ['s']);
   assert.equal(r0.code, 0, r0.stderr);
 
   const cache = fresh('killed');
-  const child = spawn(process.execPath, [path.join(ROOT, 'bin', 'pipeline.js'), 'build', 'amd64', 's', '-f', SPEC, '--out', fresh('out')], {
+  const child = spawn(process.execPath, [path.join(ROOT, 'bin', 'pipeline.js'), 'build', 'amd64', 's', '-f', SPEC, '--out', out], {
     env: { ...process.env, PIPELINE_CACHE_DIR: cache, PIPELINE_KINDS_PATH: KINDS, FAULTS_SLEEP_MS: '60000' },
     stdio: 'ignore',
   });
@@ -371,7 +373,7 @@ test('kill -9 mid-stage, then a build: the cache holds exactly what an uninterru
   await exited;
   assert.ok((await footprint(cache)).files.some(([p]) => p.startsWith('tmp/')), 'the killed build left its temp dirs');
 
-  const r = await build(cache, fresh('out'), ['s']);
+  const r = await build(cache, out, ['s']);
   assert.equal(r.code, 0, r.stderr);
   assert.deepEqual(await fs.readdir(tmp), []);
   const [a, b] = [await footprint(straight), await footprint(cache)];
