@@ -1,10 +1,73 @@
 #!/usr/bin/env node
 // Thin launcher: the CLI is compiled to dist/ by `npm ci` (prepare) so a cached
-// no-op build does not pay for a TypeScript loader on every start.
-import { existsSync } from 'node:fs';
+// no-op build does not pay for a TypeScript loader on every start. The build step
+// also bundles dist/ into one script (scripts/bundle.mjs), run here from V8's code
+// cache: loading and compiling ~160 modules was most of a no-op build.
+// The bundle is used only while every dist/ file it was made from is unchanged
+// (a bare `tsc` afterwards makes it stale: then dist/ runs directly, as before).
+import { existsSync, readdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import vm from 'node:vm';
+
+const root = fileURLToPath(new URL('../', import.meta.url));
 const cli = new URL('../dist/src/cli/cli.js', import.meta.url);
+const bundle = path.join(root, 'dist', 'bundle', 'cli', 'cli.cjs');
 if (!existsSync(cli)) {
   process.stderr.write('pipeline: dist/ is missing; run `npm ci` (or `npm run build`) first\n');
   process.exit(2);
 }
-await import(cli.href);
+if (!runBundle()) await import(cli.href);
+
+function runBundle() {
+  // Extra kinds (PIPELINE_KINDS_PATH, src/engine/kinds.ts) are ES modules imported at run
+  // time, which a vm.Script cannot do on Node 20 without an experimental flag: dist/ runs them.
+  if (process.env.PIPELINE_NO_BUNDLE || process.env.PIPELINE_KINDS_PATH || !bundleFresh()) return false;
+  let src, st;
+  try {
+    st = statSync(bundle);
+    src = readFileSync(bundle, 'utf8');
+  } catch {
+    return false;
+  }
+  // V8 checks a code cache against the source length only, so its name carries the bundle's size and mtime.
+  const cacheFile = `${bundle}.${st.size}-${st.mtimeMs}.v8cache`;
+  let cachedData;
+  try {
+    cachedData = readFileSync(cacheFile);
+  } catch {}
+  const script = new vm.Script(`(function (exports, require, module, __filename, __dirname, __pipeline_import_meta_url) {${src}\n})`, { filename: bundle, cachedData });
+  if (cachedData === undefined || script.cachedDataRejected) {
+    // After the command, so the functions it ran are in the cache too. Best effort (dist/ may be read-only).
+    process.once('beforeExit', () => {
+      try {
+        const tmp = `${cacheFile}.${process.pid}.tmp`;
+        writeFileSync(tmp, script.createCachedData());
+        renameSync(tmp, cacheFile);
+      } catch {}
+    });
+  }
+  const module = { exports: {} };
+  script.runInThisContext()(module.exports, createRequire(bundle), module, bundle, path.dirname(bundle), pathToFileURL(bundle).href);
+  return true;
+}
+
+function bundleFresh() {
+  try {
+    const stamp = JSON.parse(readFileSync(path.join(root, 'dist', 'bundle', 'cli', 'stamp.json'), 'utf8'));
+    if (stamp.v !== 2) return false;
+    for (const [rel, want] of stamp.inputs) {
+      const st = statSync(path.join(root, rel), { throwIfNoEntry: false });
+      if (!st || !want || st.size !== want[0] || st.mtimeMs !== want[1]) return false;
+    }
+    // A kind added to (or removed from) dist/ since: discovery must see it.
+    for (const [dir, files] of Object.entries(stamp.kinds)) {
+      const now = readdirSync(path.join(root, 'dist', dir)).filter((f) => f.endsWith('.js') && !f.startsWith('_')).sort();
+      if (now.join('/') !== files.join('/')) return false;
+    }
+    return true;
+  } catch {
+    return false;
+  }
+}

@@ -9,6 +9,7 @@ import { contentSeed, type FatFile } from '../src/lib/diskbuild.js';
 import { systemdBootConfig } from '../src/lib/diskimage.js';
 import { ARCH, type Arch, type Firmware } from '../src/arch.js';
 import { qemuMachine } from '../src/boot/boot.js';
+import { recordedSha256 } from '../src/engine/context.js';
 import { StageError, type BootPlan, type RunContext } from '../src/stage.js';
 
 /**
@@ -34,7 +35,7 @@ export async function diskInputs(ctx: RunContext<unknown>, tag: string, rootFile
   const tarPath = rootFiles ? '' : ctx.rootfsTar('rootfs');
   const vmlinuz = ctx.input('boot', 'vmlinuz');
   const initrd = ctx.input('boot', 'initrd.img');
-  const seed = await contentSeed(tag, [...(rootFiles ?? [tarPath]), vmlinuz, initrd], { params: ctx.params, epoch: ctx.sourceDateEpoch });
+  const seed = await contentSeed(tag, [...(rootFiles ?? [tarPath]), vmlinuz, initrd], { params: ctx.params, epoch: ctx.sourceDateEpoch }, (f) => recordedSha256(ctx.inputs, f));
   return { tarPath, vmlinuz, initrd, seed };
 }
 

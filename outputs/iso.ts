@@ -55,41 +55,24 @@ export function squashfsArgs(tree: string, out: string, p: IsoParams, epoch: num
 }
 
 export function xorrisoArgs(o: { out: string; label: string; staging: string; efiImg: string; bios?: boolean }): string[] {
+  const common = ['-as', 'mkisofs', '-iso-level', '3', '-rational-rock', '-volid', o.label, '-output', o.out];
+  // The FAT image, also appended as GPT partition 2 (an ESP) so the ISO boots from a USB stick too.
+  const esp = ['-append_partition', '2', GPT_TYPE.esp, o.efiImg, '-appended_part_as_gpt', '-eltorito-catalog', 'boot/boot.cat'];
+  const uefiEntry = ['-e', '--interval:appended_partition_2:all::', '-no-emul-boot'];
   if (o.bios === false) {
-    // UEFI only (arm64): one El Torito entry, the FAT image, also appended as the
-    // GPT ESP so the ISO boots written to a USB stick too.
-    return [
-      '-as', 'mkisofs',
-      '-iso-level', '3',
-      '-rational-rock',
-      '-volid', o.label,
-      '-output', o.out,
-      '-partition_offset', '16',
-      '-append_partition', '2', GPT_TYPE.esp, o.efiImg,
-      '-appended_part_as_gpt',
-      '-eltorito-catalog', 'boot/boot.cat',
-      '-e', '--interval:appended_partition_2:all::',
-      '-no-emul-boot',
-      o.staging,
-    ];
+    // UEFI only (arm64): one El Torito entry, the FAT image.
+    return [...common, '-partition_offset', '16', ...esp, ...uefiEntry, o.staging];
   }
   return [
-    '-as', 'mkisofs',
-    '-iso-level', '3',
-    '-rational-rock',
-    '-volid', o.label,
-    '-output', o.out,
+    ...common,
     '--grub2-mbr', '/usr/lib/grub/i386-pc/boot_hybrid.img',
     '-partition_offset', '16',
     '--mbr-force-bootable',
-    '-append_partition', '2', GPT_TYPE.esp, o.efiImg,
-    '-appended_part_as_gpt',
-    '-eltorito-catalog', 'boot/boot.cat',
+    ...esp,
     '-eltorito-boot', 'boot/grub/eltorito.img',
     '-no-emul-boot', '-boot-load-size', '4', '-boot-info-table', '--grub2-boot-info',
     '-eltorito-alt-boot',
-    '-e', '--interval:appended_partition_2:all::',
-    '-no-emul-boot',
+    ...uefiEntry,
     o.staging,
   ];
 }

@@ -6,7 +6,6 @@ import { z } from 'zod';
 import {
   applyBootcLayout,
   commitBlob,
-  gzipFile,
   imageConfig,
   imageIndex,
   imageManifest,
@@ -15,10 +14,10 @@ import {
   OCI_LAYOUT,
   platformOf,
   REF_NAME_ANNOTATION,
-  removeQuietly,
   sha256Hex,
   TAG_RE,
   writeLayerTar,
+  writeLayerTarGz,
   writeNew,
   type Descriptor,
 } from '../src/lib/oci-layout.js';
@@ -32,8 +31,12 @@ export const Params = z
   .object({
     /** Layer compression. zstd is left out: Node 20's zlib has none. */
     compression: z.enum(['gzip', 'none']).default('gzip'),
-    /** Fixed so that gzip output is a function of the input (and the zlib build). */
-    gzip_level: z.number().int().min(1).max(9).default(6),
+    /**
+     * Fixed so that gzip output is a function of the input (and the zlib build).
+     * Default 1 (was 6): on the 650 MB powernode layer 6.7 s CPU instead of 18.1 s
+     * for 217 MB instead of 196 MB (+11%); the layer is compressed once per build.
+     */
+    gzip_level: z.number().int().min(1).max(9).default(1),
     /** Name in index.json (org.opencontainers.image.ref.name): `oci:DIR:<tag>`. */
     tag: z.string().regex(TAG_RE, 'tag must match [A-Za-z0-9_][A-Za-z0-9._-]{0,127}').default('latest'),
     /** Extra image config labels; containers.bootc=1 is always set. */
@@ -73,21 +76,22 @@ export default defineStage({
       // Step by step: a recursive mkdir reports ENOENT instead of EROFS on a read-only fs.
       await mkdir(blobs);
       await mkdir(store);
-      // The uncompressed tar lives in scratch unless it is itself the blob.
-      const tarTmp = p.compression === 'none' ? join(store, '.layer.tar.tmp') : join(ctx.workDir, 'layer.tar');
-      const layer = await writeLayerTar(tree, rootfsTar, ctx.sourceDateEpoch, tarTmp);
-      ctx.log(`layer: ${layer.entries} entries (${layer.hardlinks} hard links), ${layer.size} bytes, diff_id sha256:${layer.sha256}`);
+      // gzip: the tar is compressed as it is made, never written uncompressed; none: the tar is the blob.
+      let layer: { sha256: string; size: number; entries: number; hardlinks: number };
       let layerDesc: Descriptor;
       if (p.compression === 'gzip') {
         const gzTmp = join(store, '.layer.tar.gz.tmp');
-        const gz = await gzipFile(tarTmp, gzTmp, p.gzip_level);
-        await removeQuietly(tarTmp);
-        await commitBlob(gzTmp, store, gz.sha256);
-        layerDesc = { mediaType: MEDIA.layerGzip, digest: `sha256:${gz.sha256}`, size: gz.size };
+        const r = await writeLayerTarGz(tree, rootfsTar, ctx.sourceDateEpoch, gzTmp, p.gzip_level);
+        layer = r.tar;
+        await commitBlob(gzTmp, store, r.gz.sha256);
+        layerDesc = { mediaType: MEDIA.layerGzip, digest: `sha256:${r.gz.sha256}`, size: r.gz.size };
       } else {
+        const tarTmp = join(store, '.layer.tar.tmp');
+        layer = await writeLayerTar(tree, rootfsTar, ctx.sourceDateEpoch, tarTmp);
         await commitBlob(tarTmp, store, layer.sha256);
         layerDesc = { mediaType: MEDIA.layerTar, digest: `sha256:${layer.sha256}`, size: layer.size };
       }
+      ctx.log(`layer: ${layer.entries} entries (${layer.hardlinks} hard links), ${layer.size} bytes, diff_id sha256:${layer.sha256}`);
 
       const labels = { ...p.labels, 'containers.bootc': '1' };
       const config = jsonBlob(imageConfig({ arch: ctx.arch, labels, diffIds: [`sha256:${layer.sha256}`] }));

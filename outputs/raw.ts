@@ -26,7 +26,8 @@
 //
 // Layout: p1 BIOS boot (1 MiB) | p2 ESP (FAT32, >= 64 MiB) | p3 root (ext4, type
 // "Linux root x86-64"). Built without mounting or loop devices: mke2fs -d from the
-// unpacked tree, mtools for the ESP, sfdisk on the image file, dd into place.
+// unpacked tree straight into the root partition of the disk file (-E offset), mtools
+// for the ESP (dd into place), sfdisk on the image file.
 // Reproducibility: every UUID/GUID, the ext4 hash seed and the FAT serial derive
 // from the content of the inputs; mke2fs runs under E2FSPROGS_FAKE_TIME and a
 // debugfs pass pins the atime/ctime mke2fs copies from the unpacked tree; mtools
@@ -54,7 +55,7 @@ import {
   sfdiskScript,
   type DiskPlan,
 } from '../src/lib/diskimage.js';
-import { buildExt4, buildFat, ddInto, grubImage, walkTree, type FatFile } from '../src/lib/diskbuild.js';
+import { assembleDisk, buildFat, grubImage, walkTree, type FatFile } from '../src/lib/diskbuild.js';
 
 export { MKE2FS_CONF } from '../src/lib/diskbuild.js';
 import { joinCmdline, kernelCmdline } from './_boot.js';
@@ -138,7 +139,9 @@ async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
     ];
   } else {
     // UEFI only: systemd-boot from the target rootfs (see the header).
-    espFiles = await systemdBootEspFiles({ arch: ctx.arch, tree, workDir: w, vmlinuz, initrd, title: 'Linux', cmdline, timeout: p.timeout });
+    // A composefs root is no tree: the loader comes from the `loader` input (checkInputs).
+    const loaderTree = cfs ? await ctx.rootfsTree('loader') : tree;
+    espFiles = await systemdBootEspFiles({ arch: ctx.arch, tree: loaderTree, workDir: w, vmlinuz, initrd, title: 'Linux', cmdline, timeout: p.timeout });
   }
   let espContent = 0;
   for (const f of espFiles) espContent += (await stat(f.src)).size;
@@ -163,20 +166,18 @@ async function buildRaw(ctx: RunContext<RawParams>): Promise<void> {
   const espImg = join(w, 'esp.img');
   await buildFat(ctx, { image: espImg, bytes: pEsp.sizeLba * SECTOR, serial: espSerial, label: 'ESP', hiddenSectors: pEsp.startLba, fat32: true, files: espFiles, staging: join(w, 'fat-staging') });
 
-  // --- ext4 root
-  const rootImg = join(w, 'root.img');
-  await buildExt4(ctx, {
-    image: rootImg, bytes: pRoot.sizeLba * SECTOR, tree, stats, entries, label: p.label, uuid: rootUuid, hashSeed,
-    extraArgs: cfs ? COMPOSEFS_MKE2FS_FEATURES : [], scratch: w,
-  });
-
-  // --- assemble the disk
+  // --- the disk: partition table, the ESP copied in, the ext4 root built in place
   const disk = join(ctx.outDir, 'disk.raw');
-  await writeFile(disk, '');
-  await ctx.exec('truncate', ['--size', String(plan.totalBytes), disk]);
-  await ctx.exec('sfdisk', ['--quiet', '--no-reread', '--no-tell-kernel', disk], { input: sfdiskScript(plan) });
-  await ddInto(ctx, espImg, disk, pEsp.startLba * SECTOR);
-  await ddInto(ctx, rootImg, disk, pRoot.startLba * SECTOR);
+  await assembleDisk(ctx, {
+    disk, bytes: plan.totalBytes, sfdisk: sfdiskScript(plan),
+    parts: [
+      { offset: pEsp.startLba * SECTOR, image: espImg },
+      {
+        offset: pRoot.startLba * SECTOR,
+        ext4: { bytes: pRoot.sizeLba * SECTOR, tree, stats, entries, label: p.label, uuid: rootUuid, hashSeed, extraArgs: cfs ? COMPOSEFS_MKE2FS_FEATURES : [], scratch: w },
+      },
+    ],
+  });
 
   // BIOS: GRUB's boot.img in the MBR, core.img in the BIOS boot partition.
   const h = pBios ? await open(disk, 'r+') : undefined;
@@ -210,6 +211,15 @@ export default defineStage({
   summary: 'raw GPT disk (ESP + ext4 root; amd64: + BIOS boot, GRUB for SeaBIOS and UEFI; arm64: systemd-boot, UEFI)',
   params: Params,
   inputs: ['rootfs', 'boot'],
+  // UEFI-only arches take systemd-boot from a rootfs tree; with root: composefs the
+  // rootfs input is the composefs stage, so the tree it was made from comes here.
+  optionalInputs: ['loader'],
+  checkInputs: (p, inputs, arch) => {
+    const needs = p.root === 'composefs' && !ARCH[arch].firmwares.includes('bios');
+    if (needs && !inputs.loader) return [`root: composefs on ${arch} boots with systemd-boot from a rootfs tree: add \`loader: <the rootfs stage the composefs image was made from>\` to inputs`];
+    if (inputs.loader && inputs.loader.kind !== 'mmdebstrap') return [`input loader must be a rootfs (mmdebstrap) stage, not a ${inputs.loader.kind} stage`];
+    return [];
+  },
   // The rootfs is unpacked with its owners and device nodes. No loop device: the
   // filesystems are built in image files.
   requires: ['root'],

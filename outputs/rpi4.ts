@@ -29,8 +29,8 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { runProcess } from '../src/engine/process.js';
 import { ARCH, defineStage, StageError, type BootPlan, type RunContext } from '../src/stage.js';
-import { autoExt4Bytes, deriveFatSerial, deriveUuid, MiB, parseSize, planMbrDisk, raspiConfigFiles, raspiConfigTxt, SECTOR, sfdiskMbrScript } from '../src/lib/diskimage.js';
-import { buildExt4, buildFat, ddInto, walkTree, type FatFile } from '../src/lib/diskbuild.js';
+import { autoExt4Bytes, debugfsTimeScript, deriveFatSerial, deriveUuid, MiB, parseSize, planMbrDisk, raspiConfigFiles, raspiConfigTxt, SECTOR, sfdiskMbrScript } from '../src/lib/diskimage.js';
+import { assembleDisk, buildFat, walkTree, type FatFile } from '../src/lib/diskbuild.js';
 import { joinCmdline } from './_boot.js';
 import { diskInputs, GrubCmdline } from './_disk.js';
 
@@ -129,7 +129,12 @@ async function buildRpi4(ctx: RunContext<Rpi4Params>): Promise<void> {
   const entries = all.filter((e) => !e.path.startsWith('/boot/firmware/'));
   const fstab = join(w, 'fstab');
   await writeFile(fstab, 'LABEL=RASPIROOT / ext4 rw 0 1\nLABEL=RASPIFIRM /boot/firmware vfat rw,nofail 0 2\n', { mode: 0o644 });
+  // A removed file's inode keeps the atime/ctime mke2fs copied from the unpacked
+  // tree (the time it was unpacked): pin them before the rm, or the image depends on
+  // when the shared tree was made.
+  const removed = all.filter((e) => e.path.startsWith('/boot/firmware/') || e.path === '/etc/fstab');
   const edits = [
+    ...(removed.length ? debugfsTimeScript(removed, ctx.sourceDateEpoch).trimEnd().split('\n') : []),
     ...(existsSync(join(tree, 'boot/firmware')) ? [] : ['mkdir /boot/firmware']),
     ...shadowed.map((n) => `rm "/boot/firmware/${n}"`),
     ...(existsSync(join(tree, 'etc/fstab')) ? ['rm /etc/fstab'] : []),
@@ -154,16 +159,17 @@ async function buildRpi4(ctx: RunContext<Rpi4Params>): Promise<void> {
   const firmImg = join(w, 'firm.img');
   const firmSerial = deriveFatSerial(seed, 'raspifirm');
   await buildFat(ctx, { image: firmImg, bytes: pFirm.sizeLba * SECTOR, serial: firmSerial, label: 'RASPIFIRM', hiddenSectors: pFirm.startLba, fat32: true, files: firmFiles, staging: join(w, 'fat-staging') });
-  const rootImg = join(w, 'root.img');
   const rootUuid = deriveUuid(seed, 'ext4-root');
-  await buildExt4(ctx, { image: rootImg, bytes: pRoot.sizeLba * SECTOR, tree, stats, entries, label: 'RASPIROOT', uuid: rootUuid, hashSeed: deriveUuid(seed, 'ext4-hash-seed'), scratch: w, edits });
-
-  const disk = join(ctx.outDir, 'rpi4.img');
-  await writeFile(disk, '');
-  await ctx.exec('truncate', ['--size', String(plan.totalBytes), disk]);
-  await ctx.exec('sfdisk', ['--quiet', '--no-reread', '--no-tell-kernel', disk], { input: sfdiskMbrScript(plan) });
-  await ddInto(ctx, firmImg, disk, pFirm.startLba * SECTOR);
-  await ddInto(ctx, rootImg, disk, pRoot.startLba * SECTOR);
+  await assembleDisk(ctx, {
+    disk: join(ctx.outDir, 'rpi4.img'), bytes: plan.totalBytes, sfdisk: sfdiskMbrScript(plan),
+    parts: [
+      { offset: pFirm.startLba * SECTOR, image: firmImg },
+      {
+        offset: pRoot.startLba * SECTOR,
+        ext4: { bytes: pRoot.sizeLba * SECTOR, tree, stats, entries, label: 'RASPIROOT', uuid: rootUuid, hashSeed: deriveUuid(seed, 'ext4-hash-seed'), scratch: w, edits },
+      },
+    ],
+  });
 
   ctx.setMeta({
     kernel: kver,
@@ -179,7 +185,8 @@ async function buildRpi4(ctx: RunContext<Rpi4Params>): Promise<void> {
 
 export default defineStage({
   kind: 'rpi4',
-  version: '2',
+  // 3: removed files' inodes no longer keep the unpack time (the image was not reproducible across unpacks).
+  version: '3',
   summary: 'Raspberry Pi 4 SD image (MBR: FAT32 RASPIFIRM with raspi-firmware, DTBs, kernel, initrd; ext4 RASPIROOT)',
   params: Params,
   inputs: ['rootfs', 'boot'],

@@ -153,6 +153,8 @@ export interface StageModule<S extends z.ZodType = z.ZodType> {
   params: S;
   /** Named inputs the stage needs (`inputs: {rootfs: <stage>}` in the spec). */
   inputs: readonly string[];
+  /** Inputs a spec may give but need not (the kind checks what it needs in checkInputs). */
+  optionalInputs?: readonly string[];
   /** Architectures the stage supports (default: all). */
   arches?: readonly Arch[];
   /** Heavy stages (big downloads, chroots, filesystem builds) run one at a time. */

@@ -4,12 +4,14 @@
 import { mkdir, readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { ARCH, defineStage, emulatorTools, specPath, StageError, type Arch, type SpecPathRule, type ToolSpec } from '../src/stage.js';
+import { ARCH, defineStage, emulatorTools, hostArch, specPath, StageError, type Arch, type SpecPathRule, type ToolSpec } from '../src/stage.js';
+import { sanitizePath } from '../src/engine/process.js';
 import { resolveSpecPath } from '../src/engine/assets.js';
 import type { DebPackage } from '../src/engine/manifest-types.js';
 import { Cache } from '../src/engine/cache.js';
 import { LOCKED_RUN, sectionDigest, type LockedRun } from '../src/lock/format.js';
 import { makeFlatRepo } from '../src/lock/repo.js';
+import { parseDeb822 } from '../src/lib/deb822.js';
 
 const PKG_RE = /^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$/;
 const NAME_RE = /^[a-z0-9][a-z0-9.+-]*$/;
@@ -107,6 +109,37 @@ const UNSAFE_IO_CFG = '/etc/dpkg/dpkg.cfg.d/zz-pipeline-unsafe-io';
 export const UNSAFE_IO_ON = `set -e\nif [ -d "$1/etc/dpkg/dpkg.cfg.d" ]; then printf "force-unsafe-io\\n" > "$1${UNSAFE_IO_CFG}"; fi`;
 export const UNSAFE_IO_OFF = `rm -f "$1${UNSAFE_IO_CFG}"`;
 
+// (issue 11, speed) For a foreign arch, dpkg runs emulated in the chroot and forks
+// dpkg-deb for every .deb, whose decompression then runs emulated too (the arm64
+// kernel's .deb: 14 s of CPU emulated, 3 s native). The host's dpkg-deb, with its own
+// loader and libraries, goes into the tree for the time packages install, and a
+// wrapper named dpkg-deb comes first on the PATH dpkg searches (mmdebstrap keeps the
+// caller's PATH for the chroot): dpkg, apt and the maintainer scripts run it natively.
+// Its output (the data.tar stream dpkg unpacks) does not depend on the CPU; the host's
+// dpkg version is in the key already (dpkg-divert's). Unlike dracut's host tools, the
+// loader cannot go to its own path: /lib64 in the tree would fail usr-is-merged's
+// preinst check, so the wrapper runs it through the loader (an emulated sh per call).
+// Everything is removed before the first customize step: the tarball is byte-identical
+// (checked on the arm64 fixture). The paths are constants; the host paths come from ldd.
+export const HOST_DPKG_DIR = '/var/tmp/pipeline-host-dpkg';
+export const HOST_DPKG_IN = [
+  'set -e',
+  `d="$1${HOST_DPKG_DIR}"`,
+  'mkdir -p "$d/path"',
+  'b=$(command -v dpkg-deb)',
+  // ldd lines: "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" and the loader "/lib64/ld-linux-x86-64.so.2 (0x...)".
+  'ldd "$b" | sed -n "s/^.* => \\(\\/[^ ]*\\) (0x[0-9a-f]*)$/\\1/p" | while IFS= read -r l; do cp -L "$l" "$d/"; done',
+  'loader=$(ldd "$b" | sed -n "s/^[[:space:]]*\\(\\/[^ ]*\\) (0x[0-9a-f]*)$/\\1/p")',
+  '[ -n "$loader" ]',
+  'cp -L "$loader" "$d/ld.so"',
+  'cp -L "$b" "$d/dpkg-deb.bin"',
+  `printf '#!/bin/sh\\nexec ${HOST_DPKG_DIR}/ld.so --library-path ${HOST_DPKG_DIR} ${HOST_DPKG_DIR}/dpkg-deb.bin "$@"\\n' > "$d/path/dpkg-deb"`,
+  'chmod 0755 "$d"/* "$d/path/dpkg-deb"',
+  // Check it runs in the tree before dpkg relies on it.
+  `chroot "$1" ${HOST_DPKG_DIR}/path/dpkg-deb --version >/dev/null`,
+].join('\n');
+export const HOST_DPKG_OUT = `rm -rf "$1${HOST_DPKG_DIR}"`;
+
 // Runs before mmdebstrap's cleanup removes the apt lists: copy out what metadata needs.
 export const META_HOOK = [
   'set -e',
@@ -121,12 +154,16 @@ export const META_HOOK = [
  * exactly the locked .debs; it replaces the mirror (and sources.list is restored).
  */
 export function mmdebstrapArgs(p: MmdebstrapParams, arch: Arch, target: string, repo?: string): string[] {
+  // extract/custom only unpack (no dpkg in the tree, maybe no /bin/sh): nothing to speed up.
+  const foreign = hostArch() !== arch && p.variant !== 'extract' && p.variant !== 'custom';
   const args = [
     `--variant=${p.variant}`,
     `--arch=${ARCH[arch].debian}`,
     `--components=${p.components.join(',')}`,
     '--format=tar',
     `--essential-hook=${ESSENTIAL_HOOK}`,
+    // First of the customize steps: nothing after sees the host dpkg-deb.
+    ...(foreign ? [`--extract-hook=${HOST_DPKG_IN}`, `--customize-hook=${HOST_DPKG_OUT}`] : []),
     `--customize-hook=${UNDIVERT_HOOK}`,
     `--customize-hook=${HOST_FILES_HOOK}`,
     `--customize-hook=${OVERLAY_HOOK}`,
@@ -144,27 +181,6 @@ export function mmdebstrapArgs(p: MmdebstrapParams, arch: Arch, target: string, 
   return args;
 }
 
-/** Split a deb822 file (dpkg status, apt Packages) into field maps. */
-export function parseDeb822(text: string): Array<Record<string, string>> {
-  const out: Array<Record<string, string>> = [];
-  for (const para of text.split(/\n\s*\n/)) {
-    const rec: Record<string, string> = {};
-    let last = '';
-    for (const line of para.split('\n')) {
-      if (!line) continue;
-      if (/^[ \t]/.test(line)) {
-        if (last) rec[last] += '\n' + line.trim();
-        continue;
-      }
-      const i = line.indexOf(':');
-      if (i <= 0) continue;
-      last = line.slice(0, i);
-      rec[last] = line.slice(i + 1).trim();
-    }
-    if (Object.keys(rec).length) out.push(rec);
-  }
-  return out;
-}
 
 /**
  * Installed packages from dpkg's status file, with the .deb sha256 from the apt
@@ -231,6 +247,8 @@ export default defineStage({
         PIPELINE_OVERLAY: overlay,
         PIPELINE_SOURCES_LINE: `deb ${p.mirror} ${p.suite} ${p.components.join(' ')}`,
         LC_ALL: 'C.UTF-8',
+        // Foreign arch: the host dpkg-deb's wrapper first on the chroot's PATH (absent on the host).
+        ...(hostArch() !== ctx.arch ? { PATH: `${HOST_DPKG_DIR}/path:${sanitizePath(process.env.PATH)}` } : {}),
       },
     });
 

@@ -17,10 +17,12 @@ import { parseSize } from '../lib/diskimage.js';
 import { ARCHES } from '../arch.js';
 import { imageSigner } from '../signing/signer.js';
 import type { StageResult } from '../engine/scheduler.js';
+import { lockPathFor } from '../lock/format.js';
 
 // Locked builds (src/lock/) plug into the engine here, loaded only when used.
 useLockSupport({
-  load: async (specFile) => (await import('../lock/lock.js')).loadLockProvider(specFile),
+  // A spec without a lock file (the common case) does not load the lock code.
+  load: async (specFile) => (existsSync(lockPathFor(specFile)) ? (await import('../lock/lock.js')).loadLockProvider(specFile) : undefined),
   beforeRun: async (plan, cache, lookups, opts) => {
     if (plan.stages.some((s) => s.lock) || opts.offline) await (await import('../lock/lock.js')).prepareLocked(plan, cache, lookups, opts);
   },
@@ -614,4 +616,5 @@ function indent(s: string): string {
     .join('\n');
 }
 
-await main();
+// Not awaited: the bundle (scripts/bundle.mjs) is CommonJS, which has no top-level await; main() handles its own errors.
+void main();

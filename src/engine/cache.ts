@@ -8,7 +8,9 @@
 //   unpacked/<key>/         a rootfs entry's tarball unpacked once (tree/ + .complete), shared
 //                           read-only by every stage that asks for it (RunContext.rootfsTree)
 //   history/<spec>/<arch>/<stage>.json   last key parts per stage, for `explain`
-//   verified/<hex>          "<sha> <size> <stat fingerprint>" at the blob's last full check
+//   verified/<key>          one memo per entry: a header naming the key, then for each of
+//                           its blobs "<sha> <size> <stat fingerprint>" at its last full
+//                           check (one file read per entry however many blobs it holds)
 //   debs/sha256/<hex>.deb   .debs locks name (src/lock/); debs/roots/ lists the locks gc keeps them for
 //   tmp/                    staging; same filesystem so commits are renames; every
 //                           name carries its owner's pid and process start time
@@ -20,7 +22,7 @@
 // name (or carry an unchanged stat fingerprint); a tree must be hardlinks to
 // verified blobs. Anything else is a miss (rebuilt), never a published byte.
 import { randomBytes } from 'node:crypto';
-import { constants as fsc, readFileSync, promises as fs } from 'node:fs';
+import { constants as fsc, lstatSync, readFileSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pLimit from 'p-limit';
@@ -160,9 +162,57 @@ function memoLine(sha: string, size: number | bigint, st: { dev: bigint; ino: bi
   return `${sha} ${n(size)} ${[st.dev, st.ino, st.size, st.mtimeNs, st.ctimeNs].map(n).join(':')}\n`;
 }
 
+/**
+ * First line of an entry's verified memo: the key, and the sha256 of the record
+ * text that last passed every parseRecord check ("-" when none is known). Anything
+ * else (an old per-blob memo, garbage) is no memo.
+ */
+const memoHeader = (key: string, record?: string) => `pipeline-verified/2 ${key} ${record ?? '-'}\n`;
+const MEMO_HEAD = /^pipeline-verified\/2 ([0-9a-f]{64}) ([0-9a-f]{64}|-)\n/;
+
 type BlobCheck = { ok: true } | { ok: false; missing: boolean; found: string; recordWrong?: boolean };
 
+/** The record digest an entry memo filed under key vouches for, if any. */
+function memoRecord(key: string, text: string): string | undefined {
+  const m = MEMO_HEAD.exec(text);
+  return m && m[1] === key && m[2] !== '-' ? m[2] : undefined;
+}
+
+/** The blob lines of an entry memo filed under key (sha -> line); empty for anything that is not one. */
+function parseMemo(key: string, text: string): Map<string, string> {
+  const out = new Map<string, string>();
+  const m = MEMO_HEAD.exec(text);
+  if (!m || m[1] !== key) return out;
+  for (const l of text.slice(m[0].length).split('\n')) if (l) out.set(l.slice(0, 64), `${l}\n`);
+  return out;
+}
+
+/**
+ * A record whose exact text already passed parseRecord (its digest is in the
+ * entry memo): only its JSON is read again. A composefs record lists ~16k files,
+ * and checking each one (and the seal over all of them) was most of a no-op.
+ */
+function trustedRecord(key: string, text: string): Entry | undefined {
+  try {
+    const v = JSON.parse(text) as Entry;
+    return v.key === key && Array.isArray(v.files) ? { key, kind: v.kind, stage: v.stage, parts: v.parts, files: v.files, meta: v.meta } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 export class Cache {
+  /**
+   * Blobs this process checked (hashed, or found under an entry memo): sha -> memo
+   * line at that time. Lets entries that share a blob, and commit, trust it while
+   * its stat is unchanged without reading any memo.
+   */
+  private readonly checked = new Map<string, string>();
+  /** key -> sha256 of the record text that passed parseRecord here (it goes into the entry memo). */
+  private readonly recordDigests = new Map<string, string>();
+  /** key -> the entry memo as readRecord found it, so verify does not read it again. */
+  private readonly memoTexts = new Map<string, string>();
+
   constructor(readonly root: string) {}
 
   private entryPath(key: string) {
@@ -186,8 +236,9 @@ export class Cache {
   unpackedPath(key: string) {
     return path.join(this.root, 'unpacked', key);
   }
-  private memoPath(sha: string) {
-    return path.join(this.root, 'verified', sha);
+  /** The entry's verified memo (a hint: lost, torn or tampered, it only costs a re-hash). */
+  private memoPath(key: string) {
+    return path.join(this.root, 'verified', key);
   }
   private rel(p: string) {
     return path.relative(this.root, p);
@@ -205,12 +256,23 @@ export class Cache {
     } catch {
       return undefined;
     }
+    const memo = await fs.readFile(this.memoPath(key), 'utf8').catch(() => '');
+    this.memoTexts.set(key, memo);
+    const digest = sha256(text);
+    if (memoRecord(key, memo) === digest) {
+      const e = trustedRecord(key, text);
+      if (e) {
+        this.recordDigests.set(key, digest);
+        return e;
+      }
+    }
     const r = parseRecord(key, text);
     if ('problem' in r) {
       await this.dropRecord(key);
       return undefined;
     }
     if (!r.sealed) await this.seal(r.entry, this.entryPath(key));
+    else this.recordDigests.set(key, digest);
     return r.entry;
   }
 
@@ -273,28 +335,62 @@ export class Cache {
   }
 
   /**
-   * Check every blob of an entry against its recorded digest. A blob whose memo
-   * holds its sha, size and stat fingerprint (device, inode, size, mtime, ctime,
-   * all in ns) unchanged since its last full check is not re-read: any write or
-   * chmod moves ctime, which cannot be set back, and a tampered memo only differs
-   * from the expected line, which means a re-hash. `full` ignores memos.
-   * On a bad blob, the blob and every record that uses it are dropped (so they are
-   * rebuilt) and CacheCorruptError names the stage, file and both digests.
+   * Check every blob of an entry against its recorded digest. The entry's memo
+   * (verified/<key>, one file) holds each blob's sha, size and stat fingerprint
+   * (device, inode, size, mtime, ctime, all in ns) at its last full check; a blob
+   * whose line still matches its current stat is not re-read: any write or chmod
+   * moves ctime, which cannot be set back, and a tampered memo only differs from
+   * the expected lines, which means a re-hash of the blobs it no longer vouches
+   * for. Blobs shared by two entries are in both memos: a change is seen by each.
+   * `full` ignores memos. On a bad blob, the blob and every record that uses it
+   * are dropped (so they are rebuilt) and CacheCorruptError names the stage, file
+   * and both digests.
    */
   async verify(entry: Entry, opts: { full?: boolean } = {}): Promise<void> {
-    const limit = pLimit(8);
     const bySha = new Map<string, FileRecord>();
     for (const f of entry.files) if (!bySha.has(f.sha256)) bySha.set(f.sha256, f);
+    const memoText = opts.full ? '' : (this.memoTexts.get(entry.key) ?? (await fs.readFile(this.memoPath(entry.key), 'utf8').catch(() => '')));
+    // One lstat per blob, back to back: a composefs entry has ~16k blobs, and the
+    // thread-pool round trip of an async lstat costs more than the syscall.
     const bad: { f: FileRecord; c: Extract<BlobCheck, { ok: false }> }[] = [];
+    const toHash: { f: FileRecord; line: string }[] = [];
+    const lines: string[] = [];
+    for (const f of bySha.values()) {
+      const st = lstatSync(this.blobPath(f.sha256), { bigint: true, throwIfNoEntry: false });
+      if (!st) bad.push({ f, c: { ok: false, missing: true, found: 'no file' } });
+      else if (!st.isFile()) bad.push({ f, c: { ok: false, missing: false, found: 'not a regular file' } });
+      else lines.push(memoLine(f.sha256, f.size, st));
+    }
+    // The record digest is a fact about that text, whenever it was checked: kept as it was when this process has not read the record.
+    const text = memoHeader(entry.key, this.recordDigests.get(entry.key) ?? memoRecord(entry.key, memoText)) + lines.join('');
+    if (!bad.length && memoText === text) {
+      let i = 0;
+      for (const sha of bySha.keys()) this.checked.set(sha, lines[i++]!);
+      return;
+    }
+    const memo = parseMemo(entry.key, memoText);
+    const missing = new Set(bad.map((b) => b.f));
+    let i = 0;
+    for (const f of bySha.values()) {
+      if (missing.has(f)) continue;
+      const line = lines[i++]!;
+      if (!opts.full && (memo.get(f.sha256) === line || this.checked.get(f.sha256) === line)) this.checked.set(f.sha256, line);
+      else toHash.push({ f, line });
+    }
+    const limit = pLimit(8);
     await Promise.all(
-      [...bySha.values()].map((f) =>
+      toHash.map(({ f, line }) =>
         limit(async () => {
-          const c = await this.checkBlob(f.sha256, f.size, !!opts.full);
+          const c = await this.hashBlob(f.sha256, f.size, line);
           if (!c.ok) bad.push({ f, c });
         }),
       ),
     );
-    if (!bad.length) return;
+    if (!bad.length) {
+      // A hint (a lost or torn one only costs a re-hash), so no fsync.
+      if (memoText !== text) await this.writeMemo(entry.key, text);
+      return;
+    }
     const dropped = new Set<string>();
     const msgs: string[] = [];
     for (const { f, c } of bad) {
@@ -311,37 +407,58 @@ export class Cache {
     throw new CacheCorruptError(msgs.join('\n'), [...dropped]);
   }
 
-  /** The blob exists and its memo matches its current stat: checked, unchanged since. */
-  private async memoHolds(sha: string, size: number): Promise<boolean> {
-    const st = await fs.lstat(this.blobPath(sha), { bigint: true }).catch(() => undefined);
-    if (!st?.isFile()) return false;
-    return (await fs.readFile(this.memoPath(sha), 'utf8').catch(() => '')) === memoLine(sha, size, st);
-  }
-
-  private async checkBlob(sha: string, size: number, full: boolean): Promise<BlobCheck> {
-    const blob = this.blobPath(sha);
-    let st;
-    try {
-      st = await fs.lstat(blob, { bigint: true });
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { ok: false, missing: true, found: 'no file' };
+  /** Hash a blob whose stat gave `line` (taken before reading, so a change while hashing is seen next time). */
+  private async hashBlob(sha: string, size: number, line: string): Promise<BlobCheck> {
+    const h = await hashFile(this.blobPath(sha)).catch((e: NodeJS.ErrnoException) => {
+      if (e.code === 'ENOENT') return undefined;
       throw e;
-    }
-    if (!st.isFile()) return { ok: false, missing: false, found: 'not a regular file' };
-    const line = memoLine(sha, size, st);
-    const memo = this.memoPath(sha);
-    if (!full && (await fs.readFile(memo, 'utf8').catch(() => '')) === line) return { ok: true };
-    const h = await hashFile(blob);
+    });
+    if (!h) return { ok: false, missing: true, found: 'no file' };
     if (h.sha256 !== sha) return { ok: false, missing: false, found: `sha256 ${h.sha256} (${h.size} bytes)` };
     if (h.size !== size) return { ok: false, missing: false, found: `${h.size} bytes with the right digest`, recordWrong: true };
-    // A memo is a hint (a lost or torn one only costs a re-hash), so no fsync.
-    await writeAtomic(memo, line, this.tmpDir(), { durable: false }).catch(() => {});
+    this.checked.set(sha, line);
     return { ok: true };
   }
 
+  /**
+   * An existing blob that is what its name says, unchanged since: checked by this
+   * process with the same stat, or hashed now. (Blob memos are per entry, so a
+   * blob met for the first time in this process is read once.)
+   */
+  private async blobHolds(sha: string, size: number): Promise<boolean> {
+    const st = lstatSync(this.blobPath(sha), { bigint: true, throwIfNoEntry: false });
+    if (!st?.isFile() || st.size !== BigInt(size)) return false;
+    const line = memoLine(sha, size, st);
+    if (this.checked.get(sha) === line) return true;
+    return (await this.hashBlob(sha, size, line)).ok;
+  }
+
+  /** Remember an entry's blobs as checked now (all just hashed, or checked by this process). */
+  private async writeEntryMemo(entry: Entry): Promise<void> {
+    const lines: string[] = [];
+    for (const sha of new Set(entry.files.map((f) => f.sha256))) {
+      const line = this.checked.get(sha);
+      const st = lstatSync(this.blobPath(sha), { bigint: true, throwIfNoEntry: false });
+      const size = entry.files.find((f) => f.sha256 === sha)!.size;
+      // Changed since it was checked (or never checked here): leave it out; it is re-hashed next time.
+      if (!line || !st || memoLine(sha, size, st) !== line) continue;
+      lines.push(line);
+    }
+    const record = this.recordDigests.get(entry.key) ?? memoRecord(entry.key, this.memoTexts.get(entry.key) ?? '');
+    await this.writeMemo(entry.key, memoHeader(entry.key, record) + lines.join(''));
+  }
+
+  /** A hint (a lost or torn one only costs a re-check), so no fsync. */
+  private async writeMemo(key: string, text: string): Promise<void> {
+    this.memoTexts.set(key, text);
+    await writeAtomic(this.memoPath(key), text, this.tmpDir(), { durable: false }).catch(() => {});
+  }
   /** Remove a record and its tree; the next build rebuilds it. */
   async dropRecord(key: string): Promise<void> {
     await fs.rm(this.entryPath(key), { force: true });
+    await fs.rm(this.memoPath(key), { force: true });
+    this.memoTexts.delete(key);
+    this.recordDigests.delete(key);
     await safeRemove(this.treePath(key));
     await safeRemove(this.unpackedPath(key));
   }
@@ -368,7 +485,7 @@ export class Cache {
       }
     }
     await fs.rm(this.blobPath(sha), { force: true });
-    await fs.rm(this.memoPath(sha), { force: true });
+    this.checked.delete(sha);
     return dropped;
   }
 
@@ -453,27 +570,41 @@ export class Cache {
    */
   async commit(key: string, stage: string, parts: KeyParts, outDir: string, meta: Record<string, unknown>, opts: { expect?: FileRecord[] } = {}): Promise<Entry> {
     const rels = await listFiles(outDir, stage);
-    const files: FileRecord[] = [];
-    for (const rel of rels) {
-      const abs = path.join(outDir, rel);
-      const st = await fs.stat(abs);
-      const h = await hashFile(abs, { fsverity: true });
-      files.push({ path: rel, size: h.size, sha256: h.sha256, fsverity: h.fsverity!, executable: (st.mode & 0o111) !== 0 });
-      // An existing blob of the same name is kept only when its memo says it was
-      // checked and has not changed since (trees linked to it stay valid); else the
-      // fresh bytes are renamed over it: it may be a corrupt copy nobody checked.
-      if (await this.memoHolds(h.sha256, h.size)) {
-        await fs.rm(abs);
-        continue;
-      }
-      await fsyncFile(abs);
-      await fs.chmod(abs, 0o444);
-      const blob = this.blobPath(h.sha256);
-      await fs.mkdir(path.dirname(blob), { recursive: true });
-      await fs.rename(abs, blob);
-      // Just hashed: remember it, so the next build does not read it again.
-      await writeAtomic(this.memoPath(h.sha256), memoLine(h.sha256, h.size, await fs.stat(blob, { bigint: true })), this.tmpDir(), { durable: false });
-    }
+    // Many files at once (a composefs store has ~16 000): a serial fsync each cost
+    // ~3.7 ms here (a minute for the store); side by side the disk takes them in
+    // batches (~0.25 ms each). Hash first, then store each distinct digest once.
+    const limit = pLimit(COMMIT_PARALLEL);
+    const hashed = await Promise.all(
+      rels.map((rel) =>
+        limit(async () => {
+          const abs = path.join(outDir, rel);
+          const st = await fs.stat(abs);
+          const h = await hashFile(abs, { fsverity: true });
+          return { abs, rec: { path: rel, size: h.size, sha256: h.sha256, fsverity: h.fsverity!, executable: (st.mode & 0o111) !== 0 } };
+        }),
+      ),
+    );
+    const files: FileRecord[] = hashed.map((h) => h.rec);
+    const firstOf = new Set<string>();
+    await Promise.all(
+      hashed.map(({ abs, rec }) => {
+        // Two files of one entry with the same bytes: one blob, stored by the first.
+        if (firstOf.has(rec.sha256)) return fs.rm(abs);
+        firstOf.add(rec.sha256);
+        return limit(async () => {
+          // An existing blob of the same name is kept only when it is what its name says
+          // (trees linked to it stay valid); else the fresh bytes are renamed over it.
+          if (await this.blobHolds(rec.sha256, rec.size)) return fs.rm(abs);
+          await fsyncFile(abs);
+          await fs.chmod(abs, 0o444);
+          const blob = this.blobPath(rec.sha256);
+          await fs.mkdir(path.dirname(blob), { recursive: true });
+          await fs.rename(abs, blob);
+          // Just hashed: remember it (the entry memo below), so the next build does not read it again.
+          this.checked.set(rec.sha256, memoLine(rec.sha256, rec.size, await fs.lstat(blob, { bigint: true })));
+        });
+      }),
+    );
     // An entry imported from elsewhere (the remote cache) must be exactly what its
     // record said, fs-verity digests and modes included; else no record is written
     // (the blobs just moved are named by their own hashes: gc drops them).
@@ -482,7 +613,11 @@ export class Cache {
       throw new CacheCorruptError(`imported entry ${key.slice(0, 12)} (stage ${stage}) does not match its record${bad ? ` at ${bad.path}` : ''}`);
     }
     const entry: Entry = { key, kind: parts.kind, stage, parts, files, meta };
-    await writeAtomic(this.entryPath(key), JSON.stringify({ ...entry, [SEAL]: recordSeal(entry) }), this.tmpDir());
+    const text = JSON.stringify({ ...entry, [SEAL]: recordSeal(entry) });
+    await writeAtomic(this.entryPath(key), text, this.tmpDir());
+    // Vouched for only as parseRecord would read it back (a file named like the tree marker is not).
+    if ('entry' in parseRecord(key, text)) this.recordDigests.set(key, sha256(text));
+    await this.writeEntryMemo(entry);
     return entry;
   }
 
@@ -568,12 +703,13 @@ export class Cache {
     }
     // Unreferenced blobs (evicted, or left by an interrupted commit).
     for (const sha of blobs.keys()) {
-      if (!refs.has(sha)) {
-        await fs.rm(this.blobPath(sha), { force: true });
-        await fs.rm(this.memoPath(sha), { force: true });
-      }
+      if (!refs.has(sha)) await fs.rm(this.blobPath(sha), { force: true });
     }
     const live = new Set((await this.list()).map((e) => e.entry.key));
+    // Memos of gone entries, and per-blob memos of older caches (verified/<sha>).
+    for (const m of await fs.readdir(path.join(this.root, 'verified')).catch(() => [] as string[])) {
+      if (!live.has(m)) await fs.rm(path.join(this.root, 'verified', m), { recursive: true, force: true });
+    }
     for (const t of await fs.readdir(path.join(this.root, 'trees')).catch(() => [] as string[])) {
       if (!live.has(t)) await safeRemove(this.treePath(t));
     }
@@ -629,7 +765,8 @@ export class Cache {
         continue;
       }
       const key = n.slice(0, -5);
-      const r = parseRecord(key, await fs.readFile(p, 'utf8').catch(() => ''));
+      const text = await fs.readFile(p, 'utf8').catch(() => '');
+      const r = parseRecord(key, text);
       if ('problem' in r) {
         problems.push({ what: 'record', path: this.rel(p), message: r.problem, expected: r.expected, found: r.found });
         if (opts.repair) await this.dropRecord(key);
@@ -638,7 +775,7 @@ export class Cache {
       if (!r.sealed) {
         unsealed++;
         if (opts.repair) await this.seal(r.entry, p);
-      }
+      } else this.recordDigests.set(key, sha256(text));
       good.set(key, r.entry);
     }
     const users = new Map<string, Entry[]>();
@@ -669,17 +806,13 @@ export class Cache {
             const h = st?.isFile() ? await hashFile(p).catch(() => undefined) : undefined;
             if (h && h.sha256 === name && d === name.slice(0, 2)) {
               present.add(name);
-              if (opts.repair) {
-                await writeAtomic(this.memoPath(name), memoLine(name, h.size, st!), this.tmpDir(), { durable: false });
-              }
+              // Stat taken before the hash: a change while hashing is seen next time.
+              this.checked.set(name, memoLine(name, h.size, st!));
               return;
             }
             const found = h ? `sha256 ${h.sha256}` : st?.isFile() ? 'unreadable' : 'not a regular file';
             problems.push({ what: 'blob', path: this.rel(p), message: 'content does not match its name', expected: `sha256 ${name}`, found, records: recs(users.get(name)) });
-            if (opts.repair) {
-              await fs.rm(p, { recursive: true, force: true });
-              await fs.rm(this.memoPath(name), { force: true });
-            }
+            if (opts.repair) await fs.rm(p, { recursive: true, force: true });
           }),
         );
       }
@@ -719,6 +852,8 @@ export class Cache {
       else problems.push({ what: 'tree', path: file, message: bad.found, records: e ? recs([e]) : [] });
       if (opts.repair) await safeRemove(dir);
     }
+    // Good entries, every blob just re-hashed: a fresh memo each (a blob changed since is left out).
+    if (opts.repair) for (const e of good.values()) await this.writeEntryMemo(e);
     return { problems, records: recordFiles.length, blobs: blobCount, unsealed };
   }
 }
@@ -798,6 +933,9 @@ export async function listFiles(dir: string, stage: string): Promise<string[]> {
   await walk('');
   return out.sort();
 }
+
+/** Files hashed and stored side by side in one commit. */
+const COMMIT_PARALLEL = 8;
 
 async function fsyncFile(p: string): Promise<void> {
   const fh = await fs.open(p, 'r');

@@ -61,6 +61,22 @@ function cacheOf(inp: StageInput): Cache | undefined {
   return basename(inp.dir) === inp.key && basename(trees) === 'trees' ? new Cache(dirname(trees)) : undefined;
 }
 
+/**
+ * The sha256 its cache record gives for a file of one of the inputs (by absolute
+ * path), or undefined (not an input file, or an input from outside a cache). The
+ * engine verified the tree against that record before handing it out, so a kind
+ * that needs a digest of a big input (a 650 MB rootfs tar) need not read it again.
+ */
+export async function recordedSha256(inputs: Record<string, StageInput>, file: string): Promise<string | undefined> {
+  for (const inp of Object.values(inputs)) {
+    if (dirname(file) !== inp.dir) continue;
+    const cache = cacheOf(inp);
+    const rec = cache ? await cache.lookup(inp.key) : undefined;
+    return rec?.files.find((f) => f.path === basename(file))?.sha256;
+  }
+  return undefined;
+}
+
 // One unpack per rootfs entry in this process, however many stages ask at once.
 const unpacking = new Map<string, Promise<string>>();
 

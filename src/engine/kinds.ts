@@ -16,6 +16,19 @@ export const PACKAGE_ROOT = path.basename(CODE_ROOT) === 'dist' ? path.resolve(C
 
 let cached: Promise<Kinds> | undefined;
 
+/** A kind module compiled into a one-file bundle: its directory (stages, outputs), file name and module. */
+export type BundledKind = [dir: string, file: string, mod: { default?: unknown }];
+let bundled: BundledKind[] | undefined;
+
+/**
+ * The bundle (scripts/bundle.mjs) hands over the package's kinds it was built
+ * with, so discovery does not import them again from dist/ (a second copy of
+ * every module they share with the engine). Extra kind dirs still load at run time.
+ */
+export function useBundledKinds(list: BundledKind[]): void {
+  bundled = list;
+}
+
 export function loadKinds(): Promise<Kinds> {
   cached ??= discover();
   return cached;
@@ -25,6 +38,11 @@ async function discover(): Promise<Kinds> {
   const kinds: Kinds = new Map();
   const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
   for (const dir of ['stages', 'outputs']) {
+    if (bundled) {
+      const mine = bundled.filter(([d]) => d === dir).sort((a, b) => (a[1] < b[1] ? -1 : a[1] > b[1] ? 1 : 0));
+      addKinds(kinds, dir, mine.map(([, f]) => f), mine.map(([, , m]) => m));
+      continue;
+    }
     const abs = path.join(CODE_ROOT, dir);
     let files: string[] = [];
     try {
@@ -61,6 +79,10 @@ export function extraKindDirs(env: NodeJS.ProcessEnv = process.env): string[] {
 
 async function importKinds(kinds: Kinds, abs: string, label: string, files: string[]): Promise<void> {
   const mods = await Promise.all(files.map((f) => import(new URL(`file://${path.join(abs, f)}`).href)));
+  addKinds(kinds, label, files, mods);
+}
+
+function addKinds(kinds: Kinds, label: string, files: string[], mods: { default?: unknown }[]): void {
   mods.forEach((m, i) => {
     const mod = m.default as StageModule | undefined;
     if (!mod || typeof mod.run !== 'function' || !mod.kind) throw new Error(`${label}/${files[i]}: does not default-export a stage module (defineStage({...}))`);

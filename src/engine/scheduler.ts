@@ -1,11 +1,13 @@
 // Runs a plan: every stage whose inputs are ready runs at once, bounded by
-// --jobs, with heavy stages (chroots, big downloads) limited further. A stage
+// --jobs, with heavy stages (chroots, big downloads) limited further. When more
+// stages are ready than there are slots, the one with the longest remaining path
+// to a sink goes first (stage times from the previous run, see durations.json),
+// so the critical path starts early instead of in plan order. A stage
 // that is cached is not run, and nothing upstream of a cached stage is even
 // looked at unless something downstream of it must be rebuilt.
 import { createWriteStream, promises as fs, type WriteStream } from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import pLimit from 'p-limit';
 import { Cache, CacheCorruptError, type Entry } from './cache.js';
 import type { Plan, PlanStage } from './compile.js';
 import { BuildError } from './errors.js';
@@ -71,6 +73,102 @@ export function stagesToRun(plan: Plan, hits: ReadonlySet<string>): { run: Set<s
   return { run, needed };
 }
 
+/**
+ * Each stage's longest remaining path: its own estimated seconds plus the longest
+ * of its consumers' that also run. Unknown stages count the mean of the known
+ * ones (1 s when none is known), so a first build orders by chain length.
+ */
+export function remainingPaths(stages: readonly Pick<PlanStage, 'name' | 'inputs'>[], run: ReadonlySet<string>, estimates: ReadonlyMap<string, number>): Map<string, number> {
+  const known = [...estimates.values()].filter((x) => Number.isFinite(x) && x >= 0);
+  const fallback = known.length ? known.reduce((a, b) => a + b, 0) / known.length : 1;
+  const consumers = new Map<string, string[]>();
+  for (const st of stages) {
+    if (!run.has(st.name)) continue;
+    for (const ref of new Set(Object.values(st.inputs))) consumers.set(ref, [...(consumers.get(ref) ?? []), st.name]);
+  }
+  const out = new Map<string, number>();
+  // Plan stages are in dependency order: consumers come after their inputs.
+  for (const st of [...stages].reverse()) {
+    if (!run.has(st.name)) continue;
+    const own = estimates.get(st.name) ?? fallback;
+    out.set(st.name, own + Math.max(0, ...(consumers.get(st.name) ?? []).map((c) => out.get(c) ?? 0)));
+  }
+  return out;
+}
+
+/**
+ * A bounded pool that starts the highest-priority waiting task when a slot frees
+ * (ties: first come). p-limit is first-in first-out, which starts ready stages in
+ * plan order whatever their remaining path.
+ */
+export class PriorityPool {
+  private running = 0;
+  private seq = 0;
+  private pending = false;
+  private waiting: { prio: number; seq: number; start: () => void }[] = [];
+  constructor(private readonly slots: number) {}
+  run<T>(prio: number, fn: () => Promise<T>): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.waiting.push({
+        prio,
+        seq: this.seq++,
+        start: () => {
+          this.running++;
+          fn()
+            .then(resolve, reject)
+            .finally(() => {
+              this.running--;
+              this.schedule();
+            });
+        },
+      });
+      this.schedule();
+    });
+  }
+  /**
+   * Pick after the current turn: stages that become ready together (all inputs
+   * cached, or one upstream stage finishing) are all waiting before one is chosen.
+   */
+  private schedule(): void {
+    if (this.pending) return;
+    this.pending = true;
+    setImmediate(() => {
+      this.pending = false;
+      this.next();
+    });
+  }
+  private next(): void {
+    while (this.running < this.slots && this.waiting.length) {
+      let best = 0;
+      for (let i = 1; i < this.waiting.length; i++) {
+        const a = this.waiting[i]!;
+        const b = this.waiting[best]!;
+        if (a.prio > b.prio || (a.prio === b.prio && a.seq < b.seq)) best = i;
+      }
+      this.waiting.splice(best, 1)[0]!.start();
+    }
+  }
+}
+
+/** Stage seconds of the last run that built them (a hint for ordering only: lost or torn, it costs nothing). */
+const DURATIONS = 'durations.json';
+async function readDurations(logDir: string): Promise<Map<string, number>> {
+  try {
+    const j = JSON.parse(await fs.readFile(path.join(logDir, DURATIONS), 'utf8')) as Record<string, unknown>;
+    return new Map(Object.entries(j).filter((e): e is [string, number] => typeof e[1] === 'number'));
+  } catch {
+    return new Map();
+  }
+}
+async function writeDurations(logDir: string, old: ReadonlyMap<string, number>, results: Iterable<StageResult>): Promise<void> {
+  const next = new Map(old);
+  for (const r of results) if (r.status === 'built') next.set(r.name, Math.round(r.seconds * 100) / 100);
+  await fs.mkdir(logDir, { recursive: true });
+  const tmp = path.join(logDir, `.${DURATIONS}.${process.pid}.tmp`);
+  await fs.writeFile(tmp, JSON.stringify(Object.fromEntries([...next].sort(([a], [b]) => (a < b ? -1 : 1)))) + '\n');
+  await fs.rename(tmp, path.join(logDir, DURATIONS));
+}
+
 export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome> {
   const t0 = performance.now();
   const { cache } = opts;
@@ -132,8 +230,10 @@ export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome>
   }
   for (const st of plan.stages) if (!sel.run.has(st.name)) opts.reporter?.done(st, results.get(st.name)!);
 
-  const limit = pLimit(Math.max(1, opts.jobs));
-  const heavy = pLimit(Math.max(1, opts.heavyJobs ?? 1));
+  const limit = new PriorityPool(Math.max(1, opts.jobs));
+  const heavy = new PriorityPool(Math.max(1, opts.heavyJobs ?? 1));
+  const durations = sel.run.size ? await readDurations(opts.logDir) : new Map<string, number>();
+  const priority = remainingPaths(plan.stages, sel.run, durations);
   const promises = new Map<string, Promise<Entry>>();
   const pushes: Promise<void>[] = [];
   let firstError: unknown;
@@ -149,8 +249,9 @@ export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome>
     } else {
       p = (async () => {
         const inputs = await Promise.all(Object.entries(st.inputs).map(async ([k, ref]) => [k, await get(ref)] as const));
-        const go = () => limit(() => runStage(plan, st, Object.fromEntries(inputs), opts, controller.signal, results, t0));
-        const entry = await (st.heavy ? heavy(go) : go());
+        const prio = priority.get(name) ?? 0;
+        const go = () => limit.run(prio, () => runStage(plan, st, Object.fromEntries(inputs), opts, controller.signal, results, t0));
+        const entry = await (st.heavy ? heavy.run(prio, go) : go());
         entries.set(name, entry);
         // In the background: downstream stages do not wait for the upload.
         if (opts.remote && !opts.remote.readOnly) pushes.push(opts.remote.store(entry, cache).catch(() => {}));
@@ -167,6 +268,7 @@ export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome>
   };
   const all = plan.stages.filter((s) => sel.run.has(s.name)).map((s) => get(s.name));
   const settled = await Promise.allSettled(all);
+  if (sel.run.size) await writeDurations(opts.logDir, durations, results.values()).catch(() => {});
   // Stages that were built are shared even when a later one failed.
   await Promise.all(pushes);
   opts.signal?.removeEventListener('abort', onOuterAbort);

@@ -576,8 +576,9 @@ function checkSpec(spec: Spec, kinds: Kinds, locate: LoadedSpec['locate']): Spec
       continue;
     }
     for (const [inName, ref] of Object.entries(st.inputs)) {
-      if (!mod.inputs.includes(inName)) {
-        push(['stages', name, 'inputs', inName], `kind "${st.kind}" has no input "${inName}"; it takes: ${mod.inputs.join(', ') || '(none)'}`, true);
+      const takes = [...mod.inputs, ...(mod.optionalInputs ?? [])];
+      if (!takes.includes(inName)) {
+        push(['stages', name, 'inputs', inName], `kind "${st.kind}" has no input "${inName}"; it takes: ${takes.join(', ') || '(none)'}`, true);
       }
       if (!spec.stages[ref]) push(['stages', name, 'inputs', inName], `unknown stage "${ref}"; defined stages: ${names.join(', ')}`);
       else if (ref === name) push(['stages', name, 'inputs', inName], `stage "${name}" cannot take itself as input`);

@@ -10,10 +10,14 @@ import { StageError, type RunContext, type StageInput } from '../stage.js';
 
 type Ctx = Pick<RunContext<unknown>, 'exec' | 'log' | 'sourceDateEpoch'>;
 
-/** Seed for every derived identifier: the content of the inputs plus a purpose tag. */
-export async function contentSeed(tag: string, files: string[], extra: unknown): Promise<string> {
+/**
+ * Seed for every derived identifier: the content of the inputs plus a purpose tag.
+ * knownSha256 gives a file's sha256 when it is already known (a cache record's),
+ * so a 650 MB rootfs tar is not read again just to name it; same seed either way.
+ */
+export async function contentSeed(tag: string, files: string[], extra: unknown, knownSha256: (file: string) => Promise<string | undefined> = async () => undefined): Promise<string> {
   const h = createHash('sha256').update(`${tag}\0`);
-  for (const f of files) h.update(`${(await hashFile(f)).sha256}\0`);
+  for (const f of files) h.update(`${(await knownSha256(f)) ?? (await hashFile(f)).sha256}\0`);
   h.update(JSON.stringify(extra));
   return h.digest('hex');
 }
@@ -125,40 +129,71 @@ export const MKE2FS_CONF = `[defaults]
 	}
 `;
 
+export interface Ext4Options {
+  image: string; bytes: number; tree: string; stats: TreeStats; entries: TreeEntry[]; label: string; uuid: string; hashSeed: string; extraArgs?: string[]; scratch: string;
+  /** debugfs commands that change the filesystem after mke2fs (the tree is shared and read-only); run before the times are pinned. */
+  edits?: string[];
+  /**
+   * Build the filesystem in place at this byte offset of `image` (an existing disk
+   * file, partitioned already) instead of as a file of its own: the same bytes
+   * land in the partition without a separate image to write, read back and copy.
+   */
+  offset?: number;
+}
+
 /**
  * An ext4 image of exactly `bytes` filled from `tree` with mke2fs -d: fixed features
  * (MKE2FS_CONF), UUID and hash seed given, time faked to the epoch, then a debugfs
  * pass pins atime/ctime (mke2fs copies them from the unpacked tree).
  */
-export async function buildExt4(
-  ctx: Ctx,
-  o: {
-    image: string; bytes: number; tree: string; stats: TreeStats; entries: TreeEntry[]; label: string; uuid: string; hashSeed: string; extraArgs?: string[]; scratch: string;
-    /** debugfs commands that change the filesystem after mke2fs (the tree is shared and read-only); run before the times are pinned. */
-    edits?: string[];
-  },
-): Promise<void> {
+export async function buildExt4(ctx: Ctx, o: Ext4Options): Promise<void> {
   const epoch = ctx.sourceDateEpoch;
   const conf = join(o.scratch, 'mke2fs.conf');
   await writeFile(conf, MKE2FS_CONF);
   const e2env = { MKE2FS_CONFIG: conf, E2FSPROGS_FAKE_TIME: String(epoch), SOURCE_DATE_EPOCH: String(epoch), TZ: 'UTC' };
-  await writeFile(o.image, '');
-  await ctx.exec('truncate', ['--size', String(o.bytes), o.image]);
+  const inPlace = o.offset !== undefined;
+  if (inPlace && o.image.includes('?')) throw new StageError(`internal: debugfs cannot open ${o.image} at an offset (the name has a "?")`);
+  if (!inPlace) {
+    await writeFile(o.image, '');
+    await ctx.exec('truncate', ['--size', String(o.bytes), o.image]);
+  }
   await ctx.exec(
     'mke2fs',
     [
       '-q', '-F', '-t', 'ext4', '-d', o.tree, '-L', o.label, '-U', o.uuid,
       '-N', String(ext4InodeCount(o.stats, o.bytes)),
-      '-E', `hash_seed=${o.hashSeed},root_owner=0:0,lazy_itable_init=0,nodiscard`,
+      // One -E: mke2fs keeps only the last. In place the size is explicit (in KiB, the unit mke2fs reads without -b).
+      '-E', `hash_seed=${o.hashSeed},root_owner=0:0,lazy_itable_init=0,nodiscard${inPlace ? `,offset=${o.offset}` : ''}`,
       ...(o.extraArgs ?? []),
       '-m', '0', o.image,
+      ...(inPlace ? [`${Math.floor(o.bytes / 1024)}k`] : []),
     ],
     { env: e2env },
   );
   const script = join(o.scratch, 'debugfs.cmds');
   await writeFile(script, (o.edits?.length ? o.edits.join('\n') + '\n' : '') + debugfsTimeScript(o.entries, epoch));
-  const dbg = await ctx.exec('debugfs', ['-w', '-f', script, o.image], { env: e2env, capture: true });
+  // debugfs opens a filesystem at an offset through the io manager's `name?offset=N`.
+  const dbg = await ctx.exec('debugfs', ['-w', '-f', script, inPlace ? `${o.image}?offset=${o.offset}` : o.image], { env: e2env, capture: true });
   // debugfs reports per-command errors on stderr but exits 0.
   const errs = dbg.stderr.split('\n').filter((l) => l.trim() && !/^debugfs \d/.test(l));
   if (errs.length) throw new StageError(`debugfs could not edit the filesystem or pin timestamps: ${errs.slice(0, 5).join('; ')}`);
+}
+
+/** What goes into one partition of a disk: a filesystem image copied in, or an ext4 built in place. */
+export type DiskPart =
+  | { offset: number; image: string }
+  | { offset: number; ext4: Omit<Ext4Options, 'image' | 'offset'> };
+
+/**
+ * Assemble a disk image file: a sparse file of `bytes`, its partition table from an
+ * sfdisk script (GPT or MBR), then each partition's content at its offset.
+ */
+export async function assembleDisk(ctx: Ctx, o: { disk: string; bytes: number; sfdisk: string; parts: DiskPart[] }): Promise<void> {
+  await writeFile(o.disk, '');
+  await ctx.exec('truncate', ['--size', String(o.bytes), o.disk]);
+  await ctx.exec('sfdisk', ['--quiet', '--no-reread', '--no-tell-kernel', o.disk], { input: o.sfdisk });
+  for (const p of o.parts) {
+    if ('image' in p) await ddInto(ctx, p.image, o.disk, p.offset);
+    else await buildExt4(ctx, { ...p.ext4, image: o.disk, offset: p.offset });
+  }
 }

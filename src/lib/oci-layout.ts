@@ -2,8 +2,9 @@
 // the config / manifest / index documents. Tree rules and JSON builders are pure;
 // the writers only touch the paths they are given.
 import { createHash, type Hash } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
+import { createWriteStream } from 'node:fs';
 import { open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { once } from 'node:events';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zc, createGzip } from 'node:zlib';
@@ -135,7 +136,7 @@ class HashingWriter {
   private pending = 0;
   readonly hash: Hash = createHash('sha256');
   size = 0;
-  constructor(private readonly fh: FileHandle) {}
+  constructor(private readonly sink: (buf: Buffer) => Promise<void>) {}
   async write(b: Buffer): Promise<void> {
     this.hash.update(b);
     this.size += b.length;
@@ -148,9 +149,16 @@ class HashingWriter {
     const buf = this.parts.length === 1 ? this.parts[0]! : Buffer.concat(this.parts, this.pending);
     this.parts = [];
     this.pending = 0;
-    let off = 0;
-    while (off < buf.length) off += (await this.fh.write(buf, off, buf.length - off)).bytesWritten;
+    await this.sink(buf);
   }
+}
+
+/** A HashingWriter sink that writes to a file. */
+function fileSink(fh: FileHandle): (buf: Buffer) => Promise<void> {
+  return async (buf) => {
+    let off = 0;
+    while (off < buf.length) off += (await fh.write(buf, off, buf.length - off)).bytesWritten;
+  };
 }
 
 export interface LayerStats {
@@ -159,16 +167,13 @@ export interface LayerStats {
 }
 
 /**
- * Write the tree as one uncompressed layer tar to file. Members are in bytewise
- * path order (parents first), each path once, every mtime = epoch, numeric owners,
- * exact modes; the first path of a hard-link group (in that order) carries the data
- * and the others link to it. The root directory itself is not a member.
- * Returns the sha256 of the tar (the layer's diff_id).
+ * The tree as one uncompressed layer tar, into w. Members are in bytewise path order
+ * (parents first), each path once, every mtime = epoch, numeric owners, exact modes;
+ * the first path of a hard-link group (in that order) carries the data and the
+ * others link to it. The root directory itself is not a member.
  */
-export async function writeLayerTar(tree: FsTree, rootfsTar: string, epoch: number, file: string): Promise<{ sha256: string; size: number } & LayerStats> {
-  const fh = await open(file, 'wx');
+async function emitLayer(tree: FsTree, rootfsTar: string, epoch: number, w: HashingWriter): Promise<LayerStats> {
   const reader = new ContentReader(rootfsTar);
-  const w = new HashingWriter(fh);
   const first = new Map<Inode, string>();
   let entries = 0;
   let hardlinks = 0;
@@ -203,19 +208,32 @@ export async function writeLayerTar(tree: FsTree, rootfsTar: string, epoch: numb
     }
     await w.write(END_OF_ARCHIVE);
     await w.flush();
-    await fh.sync();
   } finally {
     await reader.close();
-    await fh.close();
   }
-  return { sha256: w.hash.digest('hex'), size: w.size, entries, hardlinks };
+  return { entries, hardlinks };
 }
 
-/**
- * gzip src into dst with fixed settings. Node's gzip header has no name and mtime 0,
- * so the bytes depend only on the input and the zlib build.
- */
-export async function gzipFile(src: string, dst: string, level: number): Promise<{ sha256: string; size: number }> {
+/** The layer tar (see emitLayer) written to file. Returns its sha256 (the layer's diff_id). */
+export async function writeLayerTar(tree: FsTree, rootfsTar: string, epoch: number, file: string): Promise<{ sha256: string; size: number } & LayerStats> {
+  const fh = await open(file, 'wx');
+  const w = new HashingWriter(fileSink(fh));
+  try {
+    const st = await emitLayer(tree, rootfsTar, epoch, w);
+    await fh.sync();
+    return { sha256: w.hash.digest('hex'), size: w.size, ...st };
+  } finally {
+    await fh.close();
+  }
+}
+
+/** gzip with fixed settings: Node's gzip header has no name and mtime 0, so the bytes depend only on the input and the zlib build. */
+function fixedGzip(level: number) {
+  return createGzip({ level, memLevel: 8, windowBits: 15, strategy: zc.Z_DEFAULT_STRATEGY });
+}
+
+/** A pass-through that hashes and counts what goes by. */
+function hashTap(): { tap: Transform; result: () => { sha256: string; size: number } } {
   const h = createHash('sha256');
   let size = 0;
   const tap = new Transform({
@@ -225,19 +243,45 @@ export async function gzipFile(src: string, dst: string, level: number): Promise
       cb(null, chunk);
     },
   });
-  await pipeline(
-    createReadStream(src, { highWaterMark: 1 << 20 }),
-    createGzip({ level, memLevel: 8, windowBits: 15, strategy: zc.Z_DEFAULT_STRATEGY }),
-    tap,
-    createWriteStream(dst, { flags: 'wx' }),
-  );
-  const fh = await open(dst, 'r+');
+  return { tap, result: () => ({ sha256: h.digest('hex'), size }) };
+}
+
+/**
+ * The layer tar gzipped as it is made (issue 10): the uncompressed tar (650 MB for
+ * the powernode rootfs) is hashed for the diff_id but never written and read back.
+ * The same bytes as writeLayerTar then gzipFile: deflate without flushes does not
+ * depend on how its input is cut into writes.
+ */
+export async function writeLayerTarGz(
+  tree: FsTree,
+  rootfsTar: string,
+  epoch: number,
+  gzFile: string,
+  level: number,
+): Promise<{ tar: { sha256: string; size: number } & LayerStats; gz: { sha256: string; size: number } }> {
+  const gz = fixedGzip(level);
+  const { tap, result } = hashTap();
+  const done = pipeline(gz, tap, createWriteStream(gzFile, { flags: 'wx' }));
+  const w = new HashingWriter(async (buf) => {
+    if (!gz.write(buf)) await Promise.race([once(gz, 'drain'), done]);
+  });
+  let st: LayerStats;
+  try {
+    st = await emitLayer(tree, rootfsTar, epoch, w);
+    gz.end();
+    await done;
+  } catch (e) {
+    gz.destroy();
+    await done.catch(() => {});
+    throw e;
+  }
+  const fh = await open(gzFile, 'r+');
   try {
     await fh.sync();
   } finally {
     await fh.close();
   }
-  return { sha256: h.digest('hex'), size };
+  return { tar: { sha256: w.hash.digest('hex'), size: w.size, ...st }, gz: result() };
 }
 
 /** Write bytes to a new file and fsync it (so a full disk shows up here, not later). */

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { sha256 } from '../engine/canonical.js';
 import { runProcess } from '../engine/process.js';
 import { safeRemove } from '../engine/fsutil.js';
-import { parseDeb822 } from '../../stages/mmdebstrap.js';
+import { parseDeb822 } from '../lib/deb822.js';
 import { StageError } from '../stage.js';
 import { sortDebs, type LockedDeb, type LockRequest, type LockSection } from './format.js';
 

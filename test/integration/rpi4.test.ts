@@ -93,6 +93,18 @@ test('rpi4.img: MBR, FAT32 RASPIFIRM at 4 MiB with raspi-firmware (package hashe
   assert.match(list, /\/mmc\/host\/bcm2835\.ko/);
 });
 
+test('RASPIROOT: the inodes of files the emitter removed (/boot/firmware/*, the old fstab) carry the epoch, not the time the rootfs was unpacked', () => {
+  const pt = JSON.parse(sh('sfdisk', ['--json', img]).toString()).partitiontable;
+  const fs2 = `${img}?offset=${pt.partitions[1].start * 512}`;
+  const deleted = sh('debugfs', ['-R', 'lsdel', fs2]).toString().split('\n').map((l) => /^\s*(\d+)\s/.exec(l)?.[1]).filter((x): x is string => !!x);
+  assert.ok(deleted.length > 0, 'the emitter removed files (raspi-firmware\'s copies in /boot/firmware)');
+  const epoch = `0x${(1704067200).toString(16)}`; // fixtures/minimal-arm64.yaml source_date_epoch
+  for (const ino of deleted) {
+    const st = sh('debugfs', ['-R', `stat <${ino}>`, fs2]).toString();
+    for (const field of ['ctime', 'atime']) assert.equal(new RegExp(`\\b${field}: (0x[0-9a-f]+)`).exec(st)?.[1], epoch, `inode ${ino} ${field}: an image that depends on the unpack time is not reproducible`);
+  }
+});
+
 test("the image's own kernel, initrd and Pi 3 DTB boot on qemu raspi3b from the SD card to PIPELINE-OS-OK on mmcblk0p2", async () => {
   const bootDir = await fs.mkdtemp(path.join(work, 'boot-'));
   const logFile = path.join(work, 'raspi3b.log');

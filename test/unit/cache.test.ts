@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { existsSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -157,17 +158,81 @@ test('a flipped byte in a blob two records share: both records and the blob are 
 test('the verified memo: a tampered memo means a re-hash, never acceptance of a changed blob', async () => {
   const c = await fresh();
   const e = await put(c, 1, { 'a.txt': 'hello world' });
-  const memo = path.join(c.root, 'verified', HELLO.replace(HELLO, e.files[0]!.sha256));
-  const line = await fs.readFile(memo, 'utf8');
-  assert.match(line, new RegExp(`^${e.files[0]!.sha256} `), 'commit leaves a memo holding the sha');
-  // Garbage in the memo: re-hashed, found good, memo restored.
-  await fs.writeFile(memo, line.replace(/.$/s, 'x'));
-  await c.verify(e);
-  assert.equal(await fs.readFile(memo, 'utf8'), line);
-  // A blob changed in place with its memo rewritten to the old line: ctime moved, so it is re-hashed.
-  await flipByte(c.blobPath(e.files[0]!.sha256));
-  await fs.writeFile(memo, line);
-  await assert.rejects(c.verify(e), CacheCorruptError);
+  const sha = e.files[0]!.sha256;
+  const memo = path.join(c.root, 'verified', e.key);
+  const text = await fs.readFile(memo, 'utf8');
+  assert.match(text, new RegExp(`^pipeline-verified/2 ${e.key} [0-9a-f]{64}\n${sha} `), 'commit leaves one memo per entry, holding the record digest and the sha');
+  // Garbage in the memo (another process, which has checked nothing yet): re-hashed, found good, memo restored.
+  await fs.writeFile(memo, text.replace(/.$/s, 'x'));
+  await new Cache(c.root).verify(e);
+  assert.equal(await fs.readFile(memo, 'utf8'), text);
+  // A blob changed in place with its memo rewritten to the old text: ctime moved, so it is re-hashed.
+  await flipByte(c.blobPath(sha));
+  await fs.writeFile(memo, text);
+  await assert.rejects(new Cache(c.root).verify(e), CacheCorruptError);
+  // Rebuilt by this process, which remembers it as checked: a change is still seen.
+  const e2 = await put(c, 1, { 'a.txt': 'hello world' });
+  await c.verify(e2);
+  await flipByte(c.blobPath(sha));
+  await assert.rejects(c.verify(e2), CacheCorruptError);
+});
+
+test('one verified memo per entry, whatever its blob count; blobs two entries share are checked through each', async () => {
+  const c = await fresh();
+  const files: Record<string, string> = {};
+  for (let i = 0; i < 50; i++) files[`objects/${i}`] = `object ${i}`;
+  const a = await put(c, 'a', { ...files, 'shared.img': 'shared bytes' });
+  const b = await put(c, 'b', { 'shared.img': 'shared bytes', 'own.txt': 'b' });
+  assert.deepEqual((await fs.readdir(path.join(c.root, 'verified'))).sort(), [a.key, b.key].sort());
+  assert.equal((await fs.readFile(path.join(c.root, 'verified', a.key), 'utf8')).trimEnd().split('\n').length, 1 + 51);
+  // Each memo vouches for the shared blob; a change to it is caught through either entry, memos forged back or not.
+  const memos = await Promise.all([a, b].map((e) => fs.readFile(path.join(c.root, 'verified', e.key), 'utf8')));
+  const shared = a.files.find((f) => f.path === 'shared.img')!.sha256;
+  await flipByte(c.blobPath(shared), 2);
+  await Promise.all([a, b].map((e, i) => fs.writeFile(path.join(c.root, 'verified', e.key), memos[i]!)));
+  await assert.rejects(new Cache(c.root).verify(b), (err: unknown) => err instanceof CacheCorruptError && new Set(err.dropped).size === 2 && err.dropped.includes(a.key));
+  assert.equal(existsSync(path.join(c.root, 'verified', a.key)), false, 'dropped records take their memos with them');
+});
+
+test('a memo that vouches for only some blobs re-hashes the rest; an old per-blob memo is no memo', async () => {
+  const c = await fresh();
+  const e = await put(c, 1, { 'x.txt': 'x', 'y.txt': 'y' });
+  const memo = path.join(c.root, 'verified', e.key);
+  const text = await fs.readFile(memo, 'utf8');
+  const [head, l1, l2] = text.trimEnd().split('\n');
+  await fs.writeFile(memo, `${head}\n${l2}\n${l1!.replace(/\d$/, (d) => String((Number(d) + 1) % 10))}\n`);
+  await new Cache(c.root).verify(e);
+  assert.equal(await fs.readFile(memo, 'utf8'), text, 'rewritten whole');
+  // An older cache: verified/<sha> per blob, no entry memo. Its blob changed: caught.
+  await fs.rm(memo);
+  const x = e.files.find((f) => f.path === 'x.txt')!.sha256;
+  await fs.writeFile(path.join(c.root, 'verified', x), `${l1}\n`);
+  await scribble(c.blobPath(x), 'z');
+  await assert.rejects(new Cache(c.root).verify(e), CacheCorruptError);
+});
+
+test('the memo vouches for a record text once checked: the same text is read back as is, any other byte is checked in full', async () => {
+  const c = await fresh();
+  const e = await put(c, 1, { 'a.txt': 'alpha', 'b.txt': 'beta' });
+  const memo = path.join(c.root, 'verified', e.key);
+  const file = path.join(c.root, 'entries', `${e.key}.json`);
+  const text = await fs.readFile(file, 'utf8');
+  assert.ok((await fs.readFile(memo, 'utf8')).startsWith(`pipeline-verified/2 ${e.key} ${createHash('sha256').update(text).digest('hex')}\n`));
+  assert.deepEqual((await new Cache(c.root).lookupAll([e.key])).get(e.key), e, 'vouched for: the same entry');
+  // A changed byte in the record (a file's digest) no longer matches the memo: parsed in full, the seal fails, a miss.
+  await fs.writeFile(file, text.replace(e.files[0]!.sha256, e.files[1]!.sha256));
+  assert.equal((await new Cache(c.root).lookupAll([e.key])).size, 0);
+  assert.equal(existsSync(file), false, 'the bad record is dropped');
+});
+
+test('gc removes memos of gone entries and per-blob memos of older caches', async () => {
+  const c = await fresh();
+  const a = await put(c, 1, { 'a.txt': 'aaaa' });
+  const b = await put(c, 2, { 'b.txt': 'bbbb' });
+  await fs.writeFile(path.join(c.root, 'verified', a.files[0]!.sha256), 'old per-blob memo\n');
+  await c.dropRecord(a.key);
+  await c.gc(1 << 30);
+  assert.deepEqual(await fs.readdir(path.join(c.root, 'verified')), [b.key]);
 });
 
 test('trees: a replaced, extra or missing tree file is re-made from the blobs; a changed tree inode is a corrupt blob', async () => {
@@ -198,11 +263,14 @@ test('commit replaces an existing (possibly corrupt) blob of the same name with 
   await c.verify(e);
 });
 
-test('commit keeps an existing blob whose memo holds (same inode: trees linked to it stay valid)', async () => {
+test('commit keeps an existing blob that is what its name says (same inode: trees linked to it stay valid)', async () => {
   const c = await fresh();
   await put(c, 1, { 'a.txt': 'hello' });
   const ino = (await fs.stat(c.blobPath(HELLO))).ino;
   await put(c, 2, { 'b.txt': 'hello' });
+  assert.equal((await fs.stat(c.blobPath(HELLO))).ino, ino);
+  // Another process, which has not checked it: hashed once, kept.
+  await put(new Cache(c.root), 3, { 'c.txt': 'hello' });
   assert.equal((await fs.stat(c.blobPath(HELLO))).ino, ino);
 });
 

@@ -6,10 +6,12 @@ import assert from 'node:assert/strict';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createHash } from 'node:crypto';
+import { gzipSync } from 'node:zlib';
 import { Readable } from 'node:stream';
 import tarStream from 'tar-stream';
 import { dumpLines, escapeBytes, makedev, optionalField } from '../../src/lib/composefs-dump.js';
-import { applyBootcLayout, imageConfig, PREPARE_ROOT_CONF, writeLayerTar } from '../../src/lib/oci-layout.js';
+import { applyBootcLayout, imageConfig, PREPARE_ROOT_CONF, writeLayerTar, writeLayerTarGz } from '../../src/lib/oci-layout.js';
 import { elfInterpreter } from '../../stages/composefs.js';
 import {
   encodeHeader,
@@ -203,6 +205,18 @@ test('layer: bytewise order, and the first path of a hard-link group carries the
     // Same input, same bytes.
     const again = join(dir, 'again.tar');
     assert.equal((await writeLayerTar(FsTree.fromEntries(await readTarEntries(src)), src, T, again)).sha256, r.sha256);
+    // Gzipped as it is made: the tar it hashes is the same tar, and the gzip is what
+    // gzipping that tar in one go gives (its chunking does not matter).
+    for (const level of [1, 6]) {
+      const gzOut = join(dir, `layer-${level}.tar.gz`);
+      const z = await writeLayerTarGz(FsTree.fromEntries(await readTarEntries(src)), src, T, gzOut, level);
+      assert.deepEqual([z.tar.sha256, z.tar.size, z.tar.entries, z.tar.hardlinks], [r.sha256, r.size, r.entries, r.hardlinks]);
+      const want = gzipSync(bytes, { level, memLevel: 8, windowBits: 15 });
+      const gotGz = await readFile(gzOut);
+      assert.ok(gotGz.equals(want), `level ${level}: streamed gzip differs from gzip of the whole tar`);
+      assert.equal(z.gz.size, gotGz.length);
+      assert.equal(z.gz.sha256, createHash('sha256').update(gotGz).digest('hex'));
+    }
   });
 });
 

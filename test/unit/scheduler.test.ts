@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import { Cache } from '../../src/engine/cache.js';
 import { compile, type Facts, type PlanStage } from '../../src/engine/compile.js';
 import { BuildError } from '../../src/engine/errors.js';
-import { runPlan, type Reporter, type StageResult } from '../../src/engine/scheduler.js';
+import { PriorityPool, remainingPaths, runPlan, type Reporter, type StageResult } from '../../src/engine/scheduler.js';
 import { parseSpec } from '../../src/engine/spec.js';
 import { testKinds } from '../helpers/test-kinds.js';
 
@@ -190,4 +190,66 @@ test('a corrupted cache blob is detected on reuse and rebuilt', async () => {
   assert.match(warnings.join('\n'), /corrupt/);
   assert.equal(r2.results.find((r) => r.name === 'abc')!.status, 'built');
   assert.equal(await fs.readFile(cache.blobPath(r2.entries.get('abc')!.files[0]!.sha256), 'utf8'), 'a+b+c');
+});
+
+test('remainingPaths: own estimate plus the longest consumer chain; unknown stages count the known mean', () => {
+  const stages: { name: string; inputs: Record<string, string> }[] = [
+    { name: 'r', inputs: {} },
+    { name: 'short', inputs: { a: 'r' } },
+    { name: 'long', inputs: { a: 'r' } },
+    { name: 'tail', inputs: { a: 'long' } },
+    { name: 'cached', inputs: {} },
+  ];
+  const run = new Set(['r', 'short', 'long', 'tail']);
+  const p = remainingPaths(stages, run, new Map([['short', 5], ['long', 50], ['tail', 30]]));
+  assert.equal(p.get('tail'), 30);
+  assert.equal(p.get('long'), 80);
+  assert.equal(p.get('short'), 5);
+  assert.equal(p.get('r'), (5 + 50 + 30) / 3 + 80, 'r: unknown, the mean of the known, then its longest consumer');
+  assert.equal(p.has('cached'), false, 'a stage that does not run has no priority');
+  // Nothing known (a first build): chain length decides.
+  const q = remainingPaths(stages, run, new Map());
+  assert.deepEqual([q.get('r'), q.get('long'), q.get('short')], [3, 2, 1]);
+});
+
+test('PriorityPool: tasks queued together start highest priority first, bounded by its slots', async () => {
+  const pool = new PriorityPool(1);
+  const order: string[] = [];
+  let running = 0;
+  let max = 0;
+  const task = (name: string) => async () => {
+    running++;
+    max = Math.max(max, running);
+    order.push(name);
+    await new Promise((r) => setTimeout(r, 5));
+    running--;
+  };
+  await Promise.all([pool.run(1, task('low')), pool.run(9, task('high')), pool.run(5, task('mid')), pool.run(5, task('mid2'))]);
+  assert.deepEqual(order, ['high', 'mid', 'mid2', 'low']);
+  assert.equal(max, 1);
+});
+
+test('the stage with the longest remaining path (last run\'s times) starts first, not plan order', async () => {
+  const dir = await tmp();
+  const cache = new Cache(path.join(dir, 'cache'));
+  await cache.init();
+  const spec = `name: o
+arches: [amd64]
+stages:
+  quick: { kind: text, with: { content: q, sleep: 0.05 } }
+  slow: { kind: text, with: { content: s, sleep: 0.05 } }
+  after: { kind: concat, inputs: { a: slow, b: quick } }
+variants:
+  v: [after]
+`;
+  const logDir = path.join(dir, 'logs');
+  await fs.mkdir(logDir);
+  await fs.writeFile(path.join(logDir, 'durations.json'), JSON.stringify({ quick: 1, slow: 60, after: 1 }));
+  const started: string[] = [];
+  const r = await runPlan(plan(spec, ['v']), { cache, specDir: dir, jobs: 1, logDir, reporter: { start: (st) => started.push(st.name), done: () => {} } });
+  assert.deepEqual(started, ['slow', 'quick', 'after']);
+  // This run's times replace the hints.
+  const d = JSON.parse(await fs.readFile(path.join(logDir, 'durations.json'), 'utf8')) as Record<string, number>;
+  assert.ok(d.slow! < 60 && d.slow! >= 0.05, `slow recorded as ${d.slow}`);
+  assert.equal(r.results.filter((x) => x.status === 'built').length, 3);
 });

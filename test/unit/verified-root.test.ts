@@ -38,3 +38,21 @@ test('doctor: trixie is verifiable only when the host keyrings carry its archive
   assert.match(missing[0]!.detail, /no Debian trixie archive key/);
   assert.match(missing[0]!.fix!, /debian-archive-keyring/);
 });
+
+test('arm64 verified: raw with root: composefs needs a `loader` rootfs (systemd-boot comes from a tree), amd64 does not', async () => {
+  const { loadKinds } = await import('../../src/engine/kinds.js');
+  const { parseSpec } = await import('../../src/engine/spec.js');
+  const { requirements } = await import('../../src/engine/compile.js');
+  const { readFileSync } = await import('node:fs');
+  const kinds = await loadKinds();
+  const file = new URL('../../pipelines/powernode.yaml', import.meta.url).pathname;
+  const text = readFileSync(file, 'utf8');
+  const check = (t: string, arch: string) => requirements(parseSpec(t, file, kinds), arch, ['verified'], kinds);
+  for (const arch of ['amd64', 'arm64']) assert.doesNotThrow(() => check(text, arch));
+  const noLoader = text.replace(', loader: rootfs-trixie }', ' }');
+  assert.notEqual(noLoader, text);
+  assert.doesNotThrow(() => check(noLoader, 'amd64'));
+  assert.throws(() => check(noLoader, 'arm64'), (e: Error) => /powernode\.yaml:\d+:\d+/.test(e.message) && /add `loader: <the rootfs stage/.test(e.message));
+  const wrongKind = text.replace('loader: rootfs-trixie }', 'loader: composefs-trixie }');
+  assert.throws(() => check(wrongKind, 'arm64'), /input loader must be a rootfs \(mmdebstrap\) stage, not a composefs stage/);
+});
