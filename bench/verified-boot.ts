@@ -2,8 +2,10 @@
 //   - boot time to the OS marker (PIPELINE-OS-OK) under qemu TCG, SeaBIOS, of the
 //     `verified` disk (composefs root) against `plain` (same trixie rootfs, kernel
 //     and initramfs on an ext4 root). The verified disk boots twice from one
-//     writable copy: the first boot enables fs-verity on the whole object store,
-//     the second finds the marker and only measures the images;
+//     writable copy: the first boot checks every object the images need and
+//     enables fs-verity on them, the second finds the marker, measures the images
+//     and only checks the objects. The walk's own time (between the module's two
+//     kmsg lines) is printed for both;
 //   - build time of the composefs stage (object store + images) for the full
 //     rootfs, forced to rerun by dropping its cache record.
 // Both disks boot in the same run: on a shared 2-core machine only same-run
@@ -43,9 +45,13 @@ try {
       args: ['-drive', `if=none,id=disk0,file=${file.replace(/,/g, ',,')},format=raw`, '-device', 'virtio-blk-pci,drive=disk0,bootindex=0'],
       label,
     };
-    const r = await bootTest(plan, { expect: ['PIPELINE-OS-OK'], forbid: [], timeoutMs: 1_800_000 });
+    const lines: string[] = [];
+    const r = await bootTest(plan, { expect: ['PIPELINE-OS-OK'], forbid: [], timeoutMs: 1_800_000, onLine: (l) => lines.push(l) });
     if (!r.ok) throw new Error(`${label}: ${r.reason}\n${r.logTail}`);
-    console.log(`${label.padEnd(40)} ${s(r.seconds)}  (load ${load()})`);
+    // printk timestamps of "checking the object store" and "object store: …"
+    const stamp = (re: RegExp) => Number(lines.map((l) => re.exec(l)).find(Boolean)?.[1]);
+    const walk = stamp(/\[\s*(\d+\.\d+)\] powernode: object store: /) - stamp(/\[\s*(\d+\.\d+)\] powernode: checking the object store/);
+    console.log(`${label.padEnd(40)} ${s(r.seconds)}${Number.isFinite(walk) ? `  (object walk ${s(walk)})` : ''}  (load ${load()})`);
     return r.seconds;
   }
   const plain = path.join(out, 'plain.raw');

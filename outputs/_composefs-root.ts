@@ -3,8 +3,9 @@
 // of a rootfs tree, on ext4 made with the `verity` feature, and the kernel command
 // line carries the trust anchor: composefs=<fs-verity digest of image.cfs> and
 // powernode.layers=<digests, highest priority first>. 90powernode's pre-pivot hook
-// (dracut/modules.d/90powernode/powernode-composefs.sh) enables fs-verity on first
-// boot, measures the images against those digests and mounts the overlay root.
+// (dracut/modules.d/90powernode/powernode-composefs.sh) measures the images against
+// those digests, checks that every object they point to is in the store (enabling
+// fs-verity on them on first boot) and mounts the overlay root.
 //
 // Why fs-verity is enabled in the initramfs and not here: the build hosts' kernel
 // has no CONFIG_FS_VERITY (FS_IOC_ENABLE_VERITY fails with EOPNOTSUPP), so only a

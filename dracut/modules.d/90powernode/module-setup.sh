@@ -41,12 +41,13 @@ install() {
     inst_multiple -o modprobe tr head
     inst_hook pre-pivot 50 "$moddir/powernode-composefs-hook.sh"
     inst_script "$moddir/powernode-composefs.sh" /usr/bin/powernode-composefs
-    # perl-base is Essential in Debian; with it the first boot enables fs-verity
-    # on the whole object store in one process (see powernode-verity-enable.pl).
-    # Only for roots meant for composefs (fsverity installed): others stay small.
+    # perl-base is Essential in Debian; it walks the images at every boot to check
+    # that each object is in the store, enabling fs-verity on first boot (see
+    # powernode-objects.pl). Only for roots meant for composefs (fsverity
+    # installed): others stay small. Without perl a composefs boot is refused.
     if [ -x "${dracutsysrootdir-}/usr/bin/fsverity" ] && [ -x "${dracutsysrootdir-}/usr/bin/perl" ]; then
         inst_multiple perl
-        inst_script "$moddir/powernode-verity-enable.pl" /usr/bin/powernode-verity-enable
+        inst_script "$moddir/powernode-objects.pl" /usr/bin/powernode-objects
     fi
     # fsverity (package fsverity) is needed only for a composefs root; the script
     # refuses the boot with a clear line if it is missing.

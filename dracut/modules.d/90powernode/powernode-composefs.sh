@@ -13,13 +13,15 @@
 #    kernel has no fs-verity, so the build cannot) and measure each with the
 #    kernel (FS_IOC_MEASURE_VERITY via `fsverity measure`, which fails on a file
 #    without verity) against the command line: a wrong image stops here, early.
-# 2. First boot: enable fs-verity on every object (one perl process, see
-#    powernode-verity-enable.pl). Order does not matter for trust: overlayfs
-#    verity=require checks each object's fs-verity digest against the one its
-#    (measured) image records, so bytes changed before enabling are caught. A
-#    marker skips the walk later; removing it or adding verity-less files gains
-#    an attacker nothing (measure fails; overlayfs refuses objects without verity).
-# 3. Mount each image (EROFS, read-only loop).
+# 2. Mount each image (EROFS, read-only loop).
+# 3. Walk the images (powernode-objects.pl, every boot): each object a file points
+#    to must be in the store, or the boot stops naming it. On first boot the same
+#    walk enables fs-verity on those objects. Order does not matter for trust:
+#    overlayfs verity=require checks each object's fs-verity digest against the
+#    one its (measured) image records, so bytes changed before enabling are
+#    caught. A marker skips the enabling later; removing it or adding verity-less
+#    files gains an attacker nothing (measure fails; overlayfs refuses objects
+#    without verity).
 # 4. Overlay: lowerdir=layers…:base::objects (objects is a data-only lower),
 #    metacopy=on, redirect_dir=on, verity=require; upper is a tmpfs under
 #    /run/powernode, so /etc, /var (and the rest) are writable and volatile.
@@ -88,41 +90,33 @@ for l in $layers; do
 done
 unset IFS
 
-if [ -n "$first" ]; then
-    echo "<5>powernode: enabling fs-verity on the object store (first boot)" > /dev/kmsg
-    list_objects() {
-        for f in "$STORE"/objects/*/*; do
-            [ -f "$f" ] && echo "$f"
-        done
-    }
-    if command -v powernode-verity-enable > /dev/null; then
-        # LC_ALL/PERL_BADLANG: the initramfs has no locales; perl would warn about them.
-        n=$(list_objects | LC_ALL=C PERL_BADLANG=0 powernode-verity-enable 2>&1) || fail "cannot enable fs-verity on an object: $n"
-    else
-        n=0
-        for f in "$STORE"/objects/*/*; do
-            [ -f "$f" ] || continue
-            enable "$f"
-            n=$((n + 1))
-        done
-    fi
-    : > "$STORE/.verity-enabled"
-    echo "<5>powernode: fs-verity enabled on $n objects" > /dev/kmsg
-fi
-mount -o remount,ro "$STORE" 2>/dev/null || :
-
 lower=""
+walk=""
 i=0
 IFS=,
 for l in $layers; do
     mkdir -p "$MNT/layer$i"
     err=$(mount -t erofs -o ro,loop "$STORE/layers/$l.cfs" "$MNT/layer$i" 2>&1) || fail "cannot mount layer $l (erofs): $err"
     lower="$lower$MNT/layer$i:"
+    walk="$walk layers/$l.cfs=$MNT/layer$i"
     i=$((i + 1))
 done
 unset IFS
 mkdir -p "$MNT/base"
 err=$(mount -t erofs -o ro,loop "$STORE/image.cfs" "$MNT/base" 2>&1) || fail "cannot mount image.cfs (erofs): $err"
+
+# Every object the images point to must be in the store (else a read after the
+# pivot would fail with EIO); on first boot the same walk enables fs-verity on
+# them. See powernode-objects.pl.
+command -v powernode-objects > /dev/null || fail "perl is not in the initramfs (it checks the object store)"
+# The two kmsg lines' timestamps time the walk.
+echo "<5>powernode: checking the object store${first:+ and enabling fs-verity (first boot)}" > /dev/kmsg
+# LC_ALL/PERL_BADLANG: the initramfs has no locales; perl would warn about them.
+# shellcheck disable=SC2086 # $walk: LABEL=DIR words without spaces
+n=$(LC_ALL=C PERL_BADLANG=0 powernode-objects "$STORE" "${first:-0}" image.cfs="$MNT/base" $walk 2>&1) || fail "$n"
+[ -z "$first" ] || : > "$STORE/.verity-enabled"
+echo "<5>powernode: object store: $n" > /dev/kmsg
+mount -o remount,ro "$STORE" 2>/dev/null || :
 
 mkdir -p /run/powernode/rw
 err=$(mount -t tmpfs -o mode=0755 powernode-rw /run/powernode/rw 2>&1) || fail "cannot mount the tmpfs upper layer: $err"
