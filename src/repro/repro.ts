@@ -126,8 +126,25 @@ export async function reproEpoch(specFile: string, specValue: number | undefined
   return { value: r.epoch, source: words[r.source] };
 }
 
+/**
+ * `faketime` keeps its state in /dev/shm/faketime_shm_<pid> and sem.faketime_sem_<pid>
+ * and opens them exclusively. Under the runner's PID namespace its pid is always 1,
+ * so the files of a killed run ("sem_open: File exists") would break every later
+ * repro on the machine. Removed when no faketime process is alive; if one is (a
+ * concurrent repro), build b falls back to running without it.
+ */
+export const FAKETIME_PID1_FILES = ['/dev/shm/faketime_shm_1', '/dev/shm/sem.faketime_sem_1'];
+export async function clearStaleFaketimeFiles(): Promise<void> {
+  for (const pid of await fs.readdir('/proc').catch(() => [] as string[])) {
+    if (!/^\d+$/.test(pid)) continue;
+    if ((await fs.readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '')).trim() === 'faketime') return;
+  }
+  await Promise.all(FAKETIME_PID1_FILES.map((f) => fs.rm(f, { force: true })));
+}
+
 /** Does faketime exist and actually move node's clock forward? */
 export async function probeFaketime(offset = FAKETIME_OFFSET): Promise<{ ok: boolean; reason: string }> {
+  await clearStaleFaketimeFiles();
   const days = Number(/^\+(\d+)d$/.exec(offset)?.[1] ?? NaN);
   const before = Date.now();
   const r = await spawnProcess('faketime', ['-f', offset, process.execPath, '-e', 'process.stdout.write(String(Date.now()))'], { capture: true, timeoutMs: 30_000 });
@@ -181,6 +198,7 @@ async function runBuild(side: Side, o: { arch: string; variants: string[]; spec:
   const cli = [process.execPath, BIN, 'build', o.arch, ...o.variants, '-f', o.spec, '--out', side.out, '--json'];
   if (o.jobs) cli.push('--jobs', String(o.jobs));
   if (o.offline) cli.push('--offline');
+  if (side.faketime) await clearStaleFaketimeFiles();
   const cmd = side.faketime ? ['faketime', '-f', side.faketime, ...cli] : cli;
   const t0 = performance.now();
   const tail: string[] = [];

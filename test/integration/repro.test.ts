@@ -6,11 +6,12 @@
 //     bit-identical. This one is slow: two full builds with empty caches.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import type { ReproReport } from '../../src/repro/compare.js';
+import { FAKETIME_PID1_FILES, probeFaketime } from '../../src/repro/repro.js';
 import { cli } from '../helpers/cli.js';
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'repro-test-'));
@@ -25,6 +26,13 @@ const haveFaketime = (() => {
     return false;
   }
 })();
+
+test('what a killed faketime leaves in /dev/shm (its pid is 1 in the runner namespace) does not break the next repro', async (t) => {
+  if (!haveFaketime) return t.skip('faketime is not installed');
+  for (const f of FAKETIME_PID1_FILES) writeFileSync(f, 'left by a killed run');
+  const r = await probeFaketime('+400d');
+  assert.ok(r.ok, r.reason);
+});
 
 test('repro catches the injected nondeterminism and names the wallclock stage and its files', async () => {
   const reportFile = path.join(tmp, 'nd.json');
