@@ -231,6 +231,21 @@ export async function copyHashed(src: string, dst: string): Promise<{ sha256: st
   return { sha256: h.digest('hex'), size };
 }
 
+/**
+ * The variant as it was last published, if dest still holds exactly that (memo'd
+ * fingerprints, same manifest) and nothing is signed: publishing it again would do
+ * nothing. The build asks before running, so such a variant's sinks need no blob
+ * check at all (nothing is read from them).
+ */
+export async function unchangedPublication(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, opts: Pick<PublishOptions, 'outRoot' | 'builderVersion' | 'memoDir' | 'sign'>): Promise<Published | undefined> {
+  if (opts.sign || !opts.memoDir) return undefined;
+  const manifest = makeManifest(plan, variant, entries, opts.builderVersion, false);
+  const dest = within(within(opts.outRoot, variant), plan.arch);
+  const memo = await readMemo(opts.memoDir, dest);
+  const now = memo ? await fingerprints(dest) : undefined;
+  return wholeSetUnchanged(memo, now, stableJson(manifest)) ? { variant, dir: dest, manifest } : undefined;
+}
+
 export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, opts: PublishOptions): Promise<Published> {
   const manifest = makeManifest(plan, variant, entries, opts.builderVersion, !!opts.sign);
   const manifestText = stableJson(manifest);

@@ -49,6 +49,11 @@ export interface RunOptions {
   logDir: string;
   /** The plan's records from cache.lookupAll (read once per build); looked up here when absent. */
   lookups?: ReadonlyMap<string, Entry>;
+  /**
+   * Hits whose blobs need no check unless a stage that runs reads them: the sinks of
+   * variants whose publication is unchanged (src/engine/publish.ts unchangedPublication).
+   */
+  unread?: ReadonlySet<string>;
   /** A shared cache asked on local misses and handed every built stage. */
   remote?: RemoteStore;
 }
@@ -187,9 +192,11 @@ export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome>
   let sel = stagesToRun(plan, new Set(entries.keys()));
   for (;;) {
     let changed = false;
+    const readByRun = new Set(plan.stages.filter((s) => sel.run.has(s.name)).flatMap((s) => Object.values(s.inputs)));
     for (const name of sel.needed) {
       const e = entries.get(name);
       if (!e || sel.run.has(name)) continue;
+      if (opts.unread?.has(name) && !readByRun.has(name)) continue;
       try {
         await cache.verify(e);
       } catch (err) {
