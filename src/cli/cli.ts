@@ -311,7 +311,7 @@ cache
   });
 cache
   .command('verify')
-  .description('re-hash every blob, record and tree; exit 1 and list what is bad (--repair drops it so the next build rebuilds it)')
+  .description('re-hash every blob, record, tree and stored .deb; exit 1 and list what is bad (--repair drops it so the next build rebuilds or refetches it)')
   .option('--repair', 'drop bad records, blobs and trees')
   .addOption(cacheOpt())
   .action(async (o) => {

@@ -62,7 +62,7 @@ export class CacheCorruptError extends Error {
 
 /** One bad thing `verifyAll` found. */
 export interface CacheProblem {
-  what: 'record' | 'blob' | 'tree';
+  what: 'record' | 'blob' | 'tree' | 'deb';
   /** Path relative to the cache root. */
   path: string;
   message: string;
@@ -852,6 +852,25 @@ export class Cache {
       else problems.push({ what: 'tree', path: file, message: bad.found, records: e ? recs([e]) : [] });
       if (opts.repair) await safeRemove(dir);
     }
+    // The .deb store (locked builds, src/lock/): each file is named by its sha256.
+    // A bad one is dropped on repair; `pipeline fetch` or the next locked build gets it again.
+    const debDir = path.join(this.root, 'debs', 'sha256');
+    const debJobs: Promise<void>[] = [];
+    for (const n of (await fs.readdir(debDir).catch(() => [] as string[])).sort()) {
+      blobCount++;
+      debJobs.push(
+        limit(async () => {
+          const p = path.join(debDir, n);
+          const st = await fs.lstat(p).catch(() => undefined);
+          const h = st?.isFile() ? await hashFile(p).catch(() => undefined) : undefined;
+          if (h && n === `${h.sha256}.deb`) return;
+          const want = /^([0-9a-f]{64})\.deb$/.exec(n)?.[1];
+          problems.push({ what: 'deb', path: this.rel(p), message: want ? 'content does not match its name' : 'not a .deb store file name', ...(want ? { expected: `sha256 ${want}` } : {}), found: h ? `sha256 ${h.sha256}` : st?.isFile() ? 'unreadable' : 'not a regular file' });
+          if (opts.repair) await fs.rm(p, { recursive: true, force: true });
+        }),
+      );
+    }
+    await Promise.all(debJobs);
     // Good entries, every blob just re-hashed: a fresh memo each (a blob changed since is left out).
     if (opts.repair) for (const e of good.values()) await this.writeEntryMemo(e);
     return { problems, records: recordFiles.length, blobs: blobCount, unsealed };

@@ -402,3 +402,26 @@ test('verifyAll: clean is clean; a bad blob, a garbage record and a foreign tree
   assert.equal(rt.problems[0]!.expected, `sha256 ${b2.files.find((f) => f.path === 'boot.ipxe')!.sha256}`);
   assert.match(rt.problems[0]!.found!, /^sha256 /);
 });
+
+test('verifyAll re-hashes the .deb store: a changed .deb is listed with both digests and dropped on repair, a good one stays', async () => {
+  const c = await fresh();
+  const debs = path.join(c.root, 'debs', 'sha256');
+  await fs.mkdir(debs, { recursive: true });
+  const good = Buffer.from('!<arch>\ngood deb\n');
+  const bad = Buffer.from('!<arch>\nbad deb\n');
+  const goodSha = createHash('sha256').update(good).digest('hex');
+  const badSha = createHash('sha256').update(bad).digest('hex');
+  await fs.writeFile(c.debPath(goodSha), good);
+  await fs.writeFile(c.debPath(badSha), bad);
+  assert.deepEqual((await c.verifyAll()).problems, []);
+  await flipByte(c.debPath(badSha));
+  const r = await c.verifyAll();
+  assert.equal(r.problems.length, 1);
+  assert.equal(r.problems[0]!.what, 'deb');
+  assert.equal(r.problems[0]!.expected, `sha256 ${badSha}`);
+  assert.match(r.problems[0]!.found!, /^sha256 [0-9a-f]{64}$/);
+  await c.verifyAll({ repair: true });
+  assert.equal(existsSync(c.debPath(badSha)), false);
+  assert.equal(existsSync(c.debPath(goodSha)), true);
+  assert.deepEqual((await c.verifyAll()).problems, []);
+});
