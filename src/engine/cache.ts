@@ -553,7 +553,8 @@ export class Cache {
     return undefined;
   }
 
-  private tmpDir() {
+  /** Scratch for atomic writes and staging (same filesystem; dead owners' files go at the next build). */
+  tmpDir() {
     return path.join(this.root, 'tmp');
   }
 

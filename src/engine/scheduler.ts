@@ -8,7 +8,7 @@
 import { createWriteStream, promises as fs, type WriteStream } from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { Cache, CacheCorruptError, type Entry } from './cache.js';
+import { Cache, CacheCorruptError, writeAtomic, type Entry } from './cache.js';
 import type { Plan, PlanStage } from './compile.js';
 import { BuildError } from './errors.js';
 import { runProcess, stageEnv } from './process.js';
@@ -165,13 +165,13 @@ async function readDurations(logDir: string): Promise<Map<string, number>> {
     return new Map();
   }
 }
-async function writeDurations(logDir: string, old: ReadonlyMap<string, number>, results: Iterable<StageResult>): Promise<void> {
+async function writeDurations(cache: Cache, logDir: string, old: ReadonlyMap<string, number>, results: Iterable<StageResult>): Promise<void> {
   const next = new Map(old);
   for (const r of results) if (r.status === 'built') next.set(r.name, Math.round(r.seconds * 100) / 100);
   await fs.mkdir(logDir, { recursive: true });
-  const tmp = path.join(logDir, `.${DURATIONS}.${process.pid}.tmp`);
-  await fs.writeFile(tmp, JSON.stringify(Object.fromEntries([...next].sort(([a], [b]) => (a < b ? -1 : 1)))) + '\n');
-  await fs.rename(tmp, path.join(logDir, DURATIONS));
+  const text = JSON.stringify(Object.fromEntries([...next].sort(([a], [b]) => (a < b ? -1 : 1)))) + '\n';
+  // A hint: no fsync; the temp file is owner-named in the cache's tmp/, so a killed write leaves nothing for long.
+  await writeAtomic(path.join(logDir, DURATIONS), text, cache.tmpDir(), { durable: false });
 }
 
 export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome> {
@@ -275,7 +275,7 @@ export async function runPlan(plan: Plan, opts: RunOptions): Promise<RunOutcome>
   };
   const all = plan.stages.filter((s) => sel.run.has(s.name)).map((s) => get(s.name));
   const settled = await Promise.allSettled(all);
-  if (sel.run.size) await writeDurations(opts.logDir, durations, results.values()).catch(() => {});
+  if (sel.run.size) await writeDurations(cache, opts.logDir, durations, results.values()).catch(() => {});
   // Stages that were built are shared even when a later one failed.
   await Promise.all(pushes);
   opts.signal?.removeEventListener('abort', onOuterAbort);
