@@ -160,6 +160,13 @@ export interface StageModule<S extends z.ZodType = z.ZodType> {
   /** Heavy stages (big downloads, chroots, filesystem builds) run one at a time. */
   heavy?: boolean;
   /**
+   * Bytes of throwaway tree the stage usually builds in its workDir (a chroot, an
+   * overlay). When set, the engine may put workDir on a private tmpfs if the machine
+   * has twice that to spare (src/engine/scratch.ts); the stage must not rename or
+   * hardlink between workDir and outDir, which can then be different file systems.
+   */
+  memoryWorkDir?: number;
+  /**
    * What the host must offer when the stage runs (checked before a build starts):
    * root privileges, loop devices, or running the target arch's binaries (binfmt).
    */

@@ -512,6 +512,8 @@ export default defineStage({
   params: Params,
   inputs: ['rootfs'],
   heavy: true,
+  // The overlay's upper layer and dracut's staging tree (~150 MB) live in workDir.
+  memoryWorkDir: 512 * 1024 ** 2,
   // Extraction keeps owners, unshare/mount/chroot need root; dracut runs the target's binaries.
   requires: ['root', 'foreign-exec'],
   tools(p, arch): ToolSpec[] {

@@ -215,6 +215,9 @@ export default defineStage({
   params: Params,
   inputs: [],
   heavy: true,
+  // The chroot (~700 MB for the default spec) plus the downloaded .debs: in RAM when
+  // there is room, it skips the disk's journal and dpkg's syncs (src/engine/scratch.ts).
+  memoryWorkDir: 1.5 * 1024 ** 3,
   // Only root mode is tested; foreign arches run maintainer scripts via binfmt + qemu-user.
   requires: ['root', 'foreign-exec'],
   tools(_p, arch): ToolSpec[] {

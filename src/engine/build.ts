@@ -4,7 +4,7 @@ import { constants as fsConstants, existsSync, promises as fs, readFileSync } fr
 import os from 'node:os';
 import path from 'node:path';
 import { assetDigests, checkSpecPaths } from './assets.js';
-import { Cache, defaultCacheRoot } from './cache.js';
+import { Cache, checkedRecordDigest, defaultCacheRoot } from './cache.js';
 import { compile, diffParts, requirements, type LockProvider, type Plan } from './compile.js';
 import { resolveEpoch, type EpochSource } from './epoch.js';
 import { BuildError, SpecError, UsageError } from './errors.js';
@@ -158,7 +158,9 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
   else if (opts.offline) throw new UsageError('--offline needs lock support, which this caller did not register');
   const logDir = path.join(cache.root, 'logs', plan.spec.name, plan.arch);
   const outRoot = path.resolve(opts.outDir ?? 'images');
-  const pubOpts = { outRoot, memoDir: path.join(cache.root, 'published'), builderVersion: VERSION, sign };
+  // Records the cache checked are named by their text's digest: the publish stamp's inputs.
+  const recordDigest = (key: string) => checkedRecordDigest(cache, key);
+  const pubOpts = { outRoot, memoDir: path.join(cache.root, 'published'), builderVersion: VERSION, sign, recordDigest };
   // Variants published exactly as they would be again: their sinks' blobs are not
   // read, so not checked (a composefs store is ~16 000 of them); the no-op costs
   // the published files' stats. Anything that reads them later checks them then.
@@ -200,6 +202,7 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
         memoDir: path.join(cache.root, 'published'),
         builderVersion: VERSION,
         sign,
+        recordDigest,
       }),
     );
   }

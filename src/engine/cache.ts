@@ -988,3 +988,12 @@ export async function writeAtomic(file: string, data: string | Buffer, tmpDir = 
     throw e;
   }
 }
+
+/**
+ * Read-only, for the publish stamp (src/engine/publish.ts): the sha256 of the record
+ * text this cache read or wrote for key and found valid in this process, undefined
+ * when it vouches for none. An entry's identity without serialising its files again.
+ */
+export function checkedRecordDigest(cache: Cache, key: string): string | undefined {
+  return (cache as unknown as { recordDigests: ReadonlyMap<string, string> }).recordDigests.get(key);
+}

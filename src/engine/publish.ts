@@ -4,11 +4,11 @@
 // never see a half-written set. A memo of what was published (every entry's stat
 // fingerprint) makes republishing an unchanged set cost a stat per file.
 import { createHash } from 'node:crypto';
-import { createReadStream, lstatSync, promises as fs, readdirSync } from 'node:fs';
+import { createReadStream, lstatSync, promises as fs, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
-import { stableJson } from './canonical.js';
+import { canonicalize, sha256, stableJson } from './canonical.js';
 import { ownedName, ownerGone, writeAtomic, type Entry } from './cache.js';
-import type { Plan } from './compile.js';
+import type { Plan, PlanStage } from './compile.js';
 import { BuildError } from './errors.js';
 import { hashFile } from '../lib/digest.js';
 import { safeRemove, within } from './fsutil.js';
@@ -36,7 +36,6 @@ export interface Published {
 /** The manifest for one variant: pure, from the plan and the cache entries. */
 export function makeManifest(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, builderVersion: string, signed = false): BuildManifest {
   const sinks = plan.sinks[variant]!;
-  const closure = closureOf(plan, sinks);
   const outputs: OutputRecord[] = [];
   const seen = new Map<string, string>();
   for (const s of sinks) {
@@ -52,7 +51,7 @@ export function makeManifest(plan: Plan, variant: string, entries: ReadonlyMap<s
   const meta: Record<string, Record<string, unknown>> = {};
   const packages = new Map<string, DebPackage>();
   const tools: Record<string, string> = {};
-  const stages = plan.stages.filter((s) => closure.has(s.name));
+  const stages = closureOf(plan, sinks);
   for (const st of stages) {
     const m = entries.get(st.name)?.meta ?? {};
     const { packages: pk, ...rest } = m as { packages?: DebPackage[] };
@@ -75,13 +74,22 @@ export function makeManifest(plan: Plan, variant: string, entries: ReadonlyMap<s
   };
 }
 
-function closureOf(plan: Plan, sinks: string[]): Set<string> {
+/**
+ * The variant's stages, inputs first, in the order compile's closure() gives a plan
+ * of this variant alone: the manifest must not depend on which other variants were
+ * built with it (filtering plan.stages did: `build amd64 --all` published another
+ * stage order for `verified` than `build amd64 verified`, and each republished).
+ */
+function closureOf(plan: Plan, sinks: string[]): PlanStage[] {
   const by = new Map(plan.stages.map((s) => [s.name, s]));
-  const out = new Set<string>();
+  const out: PlanStage[] = [];
+  const seen = new Set<string>();
   const visit = (n: string) => {
-    if (out.has(n)) return;
-    out.add(n);
-    for (const r of Object.values(by.get(n)!.inputs)) visit(r);
+    if (seen.has(n)) return;
+    seen.add(n);
+    const st = by.get(n)!;
+    for (const k of Object.keys(st.inputs).sort()) visit(st.inputs[k]!);
+    out.push(st);
   };
   sinks.forEach(visit);
   return out;
@@ -111,6 +119,12 @@ export interface PublishOptions {
    * publish copies and hashes every file.
    */
   memoDir?: string;
+  /**
+   * The sha256 of the record text an entry was read from (the cache knows it for every
+   * record it checked). With it, a publish also leaves a stamp (below) and the no-op
+   * check needs no manifest built; undefined for a key: no stamp.
+   */
+  recordDigest?: (key: string) => string | undefined;
 }
 
 /**
@@ -131,31 +145,123 @@ function fingerprint(st: { dev: bigint; ino: bigint; size: bigint; mtimeNs: bigi
   return [st.dev, st.ino, st.size, st.mtimeNs, st.ctimeNs, st.mode].join(':');
 }
 
-/** Every file and directory under dir (relative; '' is dir itself) with its fingerprint; undefined if dir is absent. */
-async function fingerprints(dir: string): Promise<Map<string, string> | undefined> {
-  const out = new Map<string, string>();
-  // Synchronous on purpose: a composefs object store holds ~16k files, and the
-  // thread-pool round trip of an async lstat costs several times the syscall.
-  const walk = (rel: string): void => {
-    const abs = rel ? path.join(dir, rel) : dir;
-    out.set(rel, fingerprint(lstatSync(abs, { bigint: true })));
-    for (const e of readdirSync(abs, { withFileTypes: true })) {
-      const r = rel ? `${rel}/${e.name}` : e.name;
-      if (e.isDirectory()) walk(r);
-      else out.set(r, fingerprint(lstatSync(path.join(abs, e.name), { bigint: true })));
-    }
+/**
+ * Visit every file and directory under dir (relative path, '' for dir itself; each
+ * directory before its entries, in readdir order) with its fingerprint; false if dir
+ * is absent. Synchronous on purpose: a composefs object store holds ~12k files, and
+ * the thread-pool round trip of an async lstat costs several times the syscall.
+ */
+function walkTree(dir: string, visit: (rel: string, fp: string) => void): boolean {
+  const walk = (abs: string, rel: string): void => {
+    const st = lstatSync(abs, { bigint: true });
+    visit(rel, fingerprint(st));
+    if (st.isDirectory()) for (const n of readdirSync(abs)) walk(`${abs}/${n}`, rel ? `${rel}/${n}` : n);
   };
   try {
-    walk('');
+    walk(dir, '');
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
     throw e;
   }
-  return out;
+  return true;
+}
+
+/** Every file and directory under dir with its fingerprint (walk order); undefined if dir is absent. */
+async function fingerprints(dir: string): Promise<Map<string, string> | undefined> {
+  const out = new Map<string, string>();
+  return walkTree(dir, (rel, fp) => out.set(rel, fp)) ? out : undefined;
+}
+
+/** One digest over a tree's fingerprints in walk order (the stamp's), and how many entries. */
+function treeDigest(lines: string[]): { tree: string; count: number } {
+  return { tree: sha256(lines.join('')), count: lines.length };
+}
+const treeLine = (rel: string, fp: string) => `${rel}\0${fp}\n`;
+
+/**
+ * The publish stamp (issue 10, P1): what the no-op check reads instead of the memo,
+ * whose JSON for a composefs store is ~3 MB, and instead of building the manifest
+ * (~4 MB of stable JSON) to compare digests. One small file per published dir:
+ *   inputs    a digest of everything makeManifest reads (the plan's part, and each
+ *             closure stage's record digest: same records, same manifest), and of
+ *             makeManifest's own code, so no manifest is built to know it is the same;
+ *   manifest  the sha256 of the manifest published;
+ *   tree      one sha256 over every entry's path and fingerprint (device, inode,
+ *             size, mtime and ctime in ns, mode) in walk order, and their count.
+ * What it sees, like the memo and the cache's blob memo: any write, truncate, chmod,
+ * utimes, rename, link, unlink or new file in dest moves the ctime of the file or of
+ * its directory, which cannot be set back; a file replaced by another (even with the
+ * same bytes, size and mtime) has another inode or ctime. What it cannot see: changes
+ * below the file system (writes to the block device, a restored snapshot with the
+ * same inode numbers and times), and a system clock set back to the exact ns. Those
+ * are for `pipeline verify`/SHA256SUMS. A stamp that does not match only costs the
+ * memo's full check; readdir order changing is such a miss, never a false match.
+ */
+interface PublishStamp {
+  v: 1;
+  dest: string;
+  inputs: string;
+  manifest: string;
+  tree: string;
+  count: number;
+}
+
+function stampFile(memoDir: string, dest: string): string {
+  return path.join(memoDir, `${sha256(dest)}.stamp`);
+}
+
+/** The code that decides the published metadata: edited (same version), old stamps no longer match. */
+let codeDigest: string | undefined;
+function manifestCode(): string {
+  return (codeDigest ??= sha256([STAMP_FORMAT, makeManifest, closureOf, specPathForManifest, sumsFile, buildStatement, statementBytes, stableJson].map(String).join('\n')));
+}
+const STAMP_FORMAT = 'pipeline-publish-stamp/1';
+
+/**
+ * A digest of what the (unsigned) manifest of variant is made of, without making it:
+ * undefined when a closure stage's record digest is not known.
+ */
+export function manifestInputs(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, builderVersion: string, recordDigest: (key: string) => string | undefined): string | undefined {
+  const stages = closureOf(plan, plan.sinks[variant]!);
+  const rows: unknown[] = [];
+  for (const st of stages) {
+    const record = entries.get(st.name)?.key === st.key ? recordDigest(st.key) : undefined;
+    if (!record) return undefined;
+    rows.push([st.name, st.kind, st.key, st.parts, record]);
+  }
+  const spec = { name: plan.spec.name, path: specPathForManifest(plan.spec.file), sha256: plan.spec.sha256 };
+  return sha256(canonicalize({ code: manifestCode(), builder: [BUILDER_ID, builderVersion], spec, variant, arch: plan.arch, sde: plan.sourceDateEpoch, sinks: plan.sinks[variant], stages: rows }));
+}
+
+async function readStamp(memoDir: string, dest: string): Promise<PublishStamp | undefined> {
+  try {
+    const s = JSON.parse(readFileSync(stampFile(memoDir, dest), 'utf8')) as PublishStamp;
+    return s && s.v === 1 && s.dest === dest ? s : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Stamp dest as published from `inputs` (its tree as fingerprinted in `now`); a hint like the memo. */
+async function writeStamp(memoDir: string, dest: string, inputs: string, manifestDigest: string, now: Map<string, string>): Promise<void> {
+  const lines: string[] = [];
+  for (const [rel, fp] of now) lines.push(treeLine(rel, fp));
+  const stamp: PublishStamp = { v: 1, dest, inputs, manifest: manifestDigest, ...treeDigest(lines) };
+  await fs.mkdir(memoDir, { recursive: true });
+  await writeAtomic(stampFile(memoDir, dest), JSON.stringify(stamp), memoDir, { durable: false });
+}
+
+/** dest exactly as the stamp left it: same inputs, every entry's fingerprint unchanged, nothing added or removed. */
+function stampHolds(stamp: PublishStamp | undefined, dest: string, inputs: string): boolean {
+  if (!stamp || stamp.inputs !== inputs) return false;
+  const lines: string[] = [];
+  if (!walkTree(dest, (rel, fp) => lines.push(treeLine(rel, fp)))) return false;
+  const t = treeDigest(lines);
+  return t.count === stamp.count && t.tree === stamp.tree;
 }
 
 function memoFile(memoDir: string, dest: string): string {
-  return path.join(memoDir, `${createHash('sha256').update(dest).digest('hex')}.json`);
+  return path.join(memoDir, `${sha256(dest)}.json`);
 }
 
 async function readMemo(memoDir: string, dest: string): Promise<PublishMemo | undefined> {
@@ -177,20 +283,23 @@ function unchangedFiles(memo: PublishMemo | undefined, now: Map<string, string> 
 
 /** The whole published set is the one this manifest describes, untouched since. */
 function wholeSetUnchanged(memo: PublishMemo | undefined, now: Map<string, string> | undefined, manifestText: string): boolean {
-  if (!memo || !now || memo.manifest !== createHash('sha256').update(manifestText).digest('hex')) return false;
+  if (!memo || !now || memo.manifest !== sha256(manifestText)) return false;
   const names = Object.keys(memo.entries);
   return names.length === now.size && names.every((n) => now.get(n) === memo.entries[n]!.fp);
 }
 
-async function writeMemo(memoDir: string, dest: string, manifestText: string, verified: Map<string, string>): Promise<void> {
+async function writeMemo(memoDir: string, dest: string, manifestText: string, verified: Map<string, string>, inputs?: string): Promise<void> {
+  // The old stamp goes first: it must never outlive the set it describes.
+  await fs.rm(stampFile(memoDir, dest), { force: true });
   const now = await fingerprints(dest);
   if (!now) return;
   const entries: PublishMemo['entries'] = {};
   for (const [rel, fp] of now) entries[rel] = verified.has(rel) ? { fp, sha256: verified.get(rel) } : { fp };
-  const memo: PublishMemo = { v: 1, dest, manifest: createHash('sha256').update(manifestText).digest('hex'), entries };
+  const memo: PublishMemo = { v: 1, dest, manifest: sha256(manifestText), entries };
   await fs.mkdir(memoDir, { recursive: true });
   // A hint: a lost or torn memo only costs a full publish next time, so no fsync.
   await writeAtomic(memoFile(memoDir, dest), JSON.stringify(memo), memoDir, { durable: false });
+  if (inputs) await writeStamp(memoDir, dest, inputs, memo.manifest, now);
 }
 
 /** Granularity of the holes copyHashed leaves: a multiple of every filesystem block size here. */
@@ -237,13 +346,31 @@ export async function copyHashed(src: string, dst: string): Promise<{ sha256: st
  * nothing. The build asks before running, so such a variant's sinks need no blob
  * check at all (nothing is read from them).
  */
-export async function unchangedPublication(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, opts: Pick<PublishOptions, 'outRoot' | 'builderVersion' | 'memoDir' | 'sign'>): Promise<Published | undefined> {
+export async function unchangedPublication(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, opts: Pick<PublishOptions, 'outRoot' | 'builderVersion' | 'memoDir' | 'sign' | 'recordDigest'>): Promise<Published | undefined> {
   if (opts.sign || !opts.memoDir) return undefined;
-  const manifest = makeManifest(plan, variant, entries, opts.builderVersion, false);
   const dest = within(within(opts.outRoot, variant), plan.arch);
+  // The stamp: one small file and a stat per published entry, no manifest built.
+  const inputs = opts.recordDigest && manifestInputs(plan, variant, entries, opts.builderVersion, opts.recordDigest);
+  if (inputs && stampHolds(await readStamp(opts.memoDir, dest), dest, inputs)) return lazyPublished(variant, dest, () => makeManifest(plan, variant, entries, opts.builderVersion, false));
+  const manifest = makeManifest(plan, variant, entries, opts.builderVersion, false);
   const memo = await readMemo(opts.memoDir, dest);
   const now = memo ? await fingerprints(dest) : undefined;
-  return wholeSetUnchanged(memo, now, stableJson(manifest)) ? { variant, dir: dest, manifest } : undefined;
+  if (!wholeSetUnchanged(memo, now, stableJson(manifest))) return undefined;
+  // Unchanged, but no stamp said so (an older cache, a lost stamp): the next check is cheap.
+  if (inputs) await writeStamp(opts.memoDir, dest, inputs, memo!.manifest, now!).catch(() => {});
+  return { variant, dir: dest, manifest };
+}
+
+/** A Published whose manifest is made only if someone reads it (push, release): a no-op does not. */
+function lazyPublished(variant: string, dir: string, make: () => BuildManifest): Published {
+  let manifest: BuildManifest | undefined;
+  return {
+    variant,
+    dir,
+    get manifest() {
+      return (manifest ??= make());
+    },
+  };
 }
 
 export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<string, Entry>, opts: PublishOptions): Promise<Published> {
@@ -255,7 +382,11 @@ export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<
   // publish always re-signs (the key may have changed).
   const memo = opts.memoDir ? await readMemo(opts.memoDir, dest) : undefined;
   const before = memo ? await fingerprints(dest) : undefined;
-  if (!opts.sign && wholeSetUnchanged(memo, before, manifestText)) return { variant, dir: dest, manifest };
+  const inputs = !opts.sign && opts.recordDigest ? manifestInputs(plan, variant, entries, opts.builderVersion, opts.recordDigest) : undefined;
+  if (!opts.sign && wholeSetUnchanged(memo, before, manifestText)) {
+    if (inputs) await writeStamp(opts.memoDir!, dest, inputs, memo!.manifest, before!).catch(() => {});
+    return { variant, dir: dest, manifest };
+  }
   const reusable = unchangedFiles(memo, before);
   await fs.mkdir(parent, { recursive: true });
   // A killed publish leaves its staging beside dest; its owner (pid, start time) is in the name.
@@ -308,7 +439,7 @@ export async function publish(plan: Plan, variant: string, entries: ReadonlyMap<
     await safeRemove(tmp);
     throw e;
   }
-  if (opts.memoDir) await writeMemo(opts.memoDir, dest, manifestText, new Map(manifest.outputs.map((o) => [o.path, o.sha256]))).catch(() => {});
+  if (opts.memoDir) await writeMemo(opts.memoDir, dest, manifestText, new Map(manifest.outputs.map((o) => [o.path, o.sha256])), inputs).catch(() => {});
   return { variant, dir: dest, manifest };
 }
 

@@ -14,6 +14,7 @@ import { BuildError } from './errors.js';
 import { runProcess, stageEnv } from './process.js';
 import { safeRemove } from './fsutil.js';
 import { makeRunContext } from './context.js';
+import { stageWorkDir } from './scratch.js';
 import type { RemoteStore } from './remote.js';
 import { StageError, type ExecOptions, type StageInput } from '../stage.js';
 
@@ -307,8 +308,8 @@ async function runStage(
   const start = performance.now();
   res.startedAt = (start - t0) / 1000;
   opts.reporter?.start(st);
-  const outDir = await cache.staging(`out-${st.name}`);
-  const workDir = await cache.staging(`work-${st.name}`);
+  let outDir = await cache.staging(`out-${st.name}`);
+  let work = await stageWorkDir(cache, `work-${st.name}`, st.mod.memoryWorkDir);
   await fs.mkdir(opts.logDir, { recursive: true });
   const logFile = path.join(opts.logDir, `${st.name}.log`);
   res.logFile = logFile;
@@ -323,12 +324,9 @@ async function runStage(
       opts.reporter?.line?.(st, l);
     }
   };
-  try {
-    const stageInputs: Record<string, StageInput> = {};
-    for (const [k, e] of Object.entries(inputs)) {
-      const dir = await cache.materialize(e);
-      stageInputs[k] = { dir, files: e.files.map((f) => f.path), meta: e.meta, key: e.key, kind: e.kind };
-    }
+  const attempt = async (stageInputs: Record<string, StageInput>) => {
+    const workDir = work.dir;
+    if (st.mod.memoryWorkDir) write(`# ${work.note}\n`);
     // An allow-list, never our whole environment (signing key, registry password, CI tokens).
     const env = stageEnv(process.env, { sourceDateEpoch: plan.sourceDateEpoch, home: workDir, declared: st.mod.env, kind: st.mod.kind });
     const { ctx, meta } = makeRunContext({
@@ -348,8 +346,28 @@ async function runStage(
       log: (l: string) => write(l.endsWith('\n') ? l : l + '\n'),
     });
     await st.mod.run(ctx);
+    return meta();
+  };
+  try {
+    const stageInputs: Record<string, StageInput> = {};
+    for (const [k, e] of Object.entries(inputs)) {
+      const dir = await cache.materialize(e);
+      stageInputs[k] = { dir, files: e.files.map((f) => f.path), meta: e.meta, key: e.key, kind: e.kind };
+    }
+    let meta: Record<string, unknown>;
+    try {
+      meta = await attempt(stageInputs);
+    } catch (e) {
+      // A tree bigger than the RAM it was given: once more on disk, from scratch.
+      if (signal.aborted || !work.memory || !(await work.full())) throw e;
+      write(`# the work dir in RAM filled up (${e instanceof Error ? e.message.split('\n')[0] : String(e)}); running the stage again on disk\n`);
+      await Promise.all([safeRemove(outDir), work.remove()]);
+      outDir = await cache.staging(`out-${st.name}`);
+      work = await stageWorkDir(cache, `work-${st.name}`, st.mod.memoryWorkDir, { forceDisk: true });
+      meta = await attempt(stageInputs);
+    }
     if (signal.aborted) throw new StageError('cancelled');
-    const entry = await cache.commit(st.key, st.name, st.parts, outDir, JSON.parse(JSON.stringify(meta())));
+    const entry = await cache.commit(st.key, st.name, st.parts, outDir, JSON.parse(JSON.stringify(meta)));
     res.status = 'built';
     return entry;
   } catch (e) {
@@ -361,7 +379,7 @@ async function runStage(
     res.seconds = (end - start) / 1000;
     res.endedAt = (end - t0) / 1000;
     await new Promise<void>((r) => log.end(r));
-    await Promise.all([safeRemove(outDir), safeRemove(workDir)]);
+    await Promise.all([safeRemove(outDir), work.remove()]);
     opts.reporter?.done(st, res);
   }
 }
