@@ -12,6 +12,7 @@ import { loadSpecFile } from '../engine/spec.js';
 import { runtimePackages } from '../engine/tools.js';
 import { ARCH, ARCHES, type Arch, type StageModule, type ToolSpec } from '../stage.js';
 import { probeAccel, probeHost, type HostFacts } from './probe.js';
+import { chooseScratch, memAvailable } from '../engine/scratch.js';
 import { hostKeyringFiles, suiteKeyFindings } from './keyring.js';
 
 function kvmFindings(f: HostFacts): Finding[] {
@@ -167,10 +168,17 @@ export async function runDoctor(opts: { cacheDir?: string; color?: boolean; out?
   const kinds = [...(await loadKinds()).values()];
   const all = knownTools(kinds, ARCHES);
   const facts = await probeHost({ tools: all, packages: runtimePackages(all).map((p) => p.apt), arches: ARCHES, cacheDir: opts.cacheDir });
-  const findings = [...assessHost(facts, doctorNeeds(kinds, facts)), ...suiteKeyFindings(hostKeyringFiles())];
+  const findings = [...assessHost(facts, doctorNeeds(kinds, facts)), scratchFinding(kinds), ...suiteKeyFindings(hostKeyringFiles())];
   const color = opts.color ?? (out === process.stdout && process.stdout.isTTY === true && !process.env.NO_COLOR);
   out.write(formatDoctor(findings, { color }));
   return findings.some((f) => f.level === 'error') ? 1 : 0;
+}
+
+/** Where the biggest declared build root (mmdebstrap's) would go now: RAM or disk, and why. */
+export function scratchFinding(kinds: StageModule[], o: { memAvailable?: number; mode?: string; root?: boolean } = {}): Finding {
+  const want = Math.max(0, ...kinds.map((k) => k.memoryWorkDir ?? 0)) || undefined;
+  const c = chooseScratch({ want, memAvailable: o.memAvailable ?? memAvailable(), reserved: 0, mode: o.mode ?? process.env.PIPELINE_SCRATCH, root: o.root ?? process.getuid?.() === 0 });
+  return { level: 'ok', what: 'build roots', detail: c.memory ? `chroots build in RAM (tmpfs, ${c.why})` : `chroots build on disk: ${c.why}` };
 }
 
 /** Entry point for `pipeline doctor` (and `--apt-packages`, which only lists and probes nothing). */

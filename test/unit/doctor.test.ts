@@ -360,3 +360,11 @@ test('scripts/setup installs the derived list plus a separate test list', () => 
   assert.equal(new Set(testList).size, testList.length, 'duplicate in the test list');
   for (const p of ['qemu-system-x86', 'qemu-system-arm', 'ovmf', 'skopeo', 'umoci', 'docker-registry']) assert.ok(testList.includes(p), p);
 });
+
+test('doctor says where build roots go: RAM with room, else disk and why', async () => {
+  const { scratchFinding } = await import('../../src/doctor/doctor.js');
+  const kinds = [{ memoryWorkDir: 1.5 * 1024 ** 3 }, { memoryWorkDir: 512 * 1024 ** 2 }, {}] as unknown as Parameters<typeof scratchFinding>[0];
+  assert.match(scratchFinding(kinds, { memAvailable: 20 * 1024 ** 3, root: true }).detail, /^chroots build in RAM \(tmpfs, up to 19456 MiB/);
+  assert.match(scratchFinding(kinds, { memAvailable: 3 * 1024 ** 3, root: true }).detail, /^chroots build on disk: 3072 MiB available/);
+  assert.match(scratchFinding(kinds, { memAvailable: 20 * 1024 ** 3, root: true, mode: 'disk' }).detail, /on disk: PIPELINE_SCRATCH=disk/);
+});
