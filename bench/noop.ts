@@ -46,12 +46,15 @@ for (let i = 0; i < rounds; i++) {
 const base = median(times.get('node -e 0')!);
 const cpuBase = median(cpus.get('node -e 0')!);
 let worst = 0;
+let worstCpu = 0;
 for (const c of cases) {
   const m = median(times.get(c.label)!);
   const ratio = m / base;
   if (c.argv) worst = Math.max(worst, ratio);
   const cm = median(cpus.get(c.label)!);
+  if (c.argv && cpuBase > 0) worstCpu = Math.max(worstCpu, cm / cpuBase);
   const cpuRatio = c.argv && cpuBase > 0 ? `, cpu ${(cm / cpuBase).toFixed(2)}×` : '';
   console.log(`  ${c.label.padEnd(34)} median ${s(m)}${c.argv ? `  ${ratio.toFixed(2)}× node` : ''}  (cpu ${cm.toFixed(3)} s${cpuRatio})`);
 }
-console.log(`P1 worst ratio ${worst.toFixed(2)}× (target ≤ 3×) ${worst <= 3 ? 'MET' : 'NOT MET'}; load average at end ${load()}`);
+// The CPU ratio (10 ms clock ticks) is the steadier one when other jobs share the cores.
+console.log(`P1 worst ratio ${worst.toFixed(2)}× (target ≤ 3×) ${worst <= 3 ? 'MET' : 'NOT MET'}; worst cpu ratio ${worstCpu.toFixed(2)}×; load average at end ${load()}`);

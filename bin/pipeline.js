@@ -23,16 +23,21 @@ if (!runBundle()) await import(cli.href);
 function runBundle() {
   // Extra kinds (PIPELINE_KINDS_PATH, src/engine/kinds.ts) are ES modules imported at run
   // time, which a vm.Script cannot do on Node 20 without an experimental flag: dist/ runs them.
-  if (process.env.PIPELINE_NO_BUNDLE || process.env.PIPELINE_KINDS_PATH || !bundleFresh()) return false;
+  const stamp = process.env.PIPELINE_NO_BUNDLE || process.env.PIPELINE_KINDS_PATH ? undefined : freshStamp();
+  if (!stamp) return false;
   let src, st;
   try {
     st = statSync(bundle);
-    src = readFileSync(bundle, 'utf8');
+    // An ASCII-only bundle (scripts/bundle.mjs checked) is the same string either way; latin1 decodes faster.
+    src = readFileSync(bundle, stamp.ascii === true ? 'latin1' : 'utf8');
   } catch {
     return false;
   }
   // V8 checks a code cache against the source length only, so its name carries the bundle's size and mtime.
-  const cacheFile = `${bundle}.${st.size}-${st.mtimeMs}.v8cache`;
+  // It holds the functions the run that wrote it compiled: `build` (the no-op that must start
+  // fast) keeps its own, so a `--version` or `plan` run first does not leave it half-warm.
+  const role = process.argv[2] === 'build' ? 'build' : 'other';
+  const cacheFile = `${bundle}.${st.size}-${st.mtimeMs}.${role}.v8cache`;
   let cachedData;
   try {
     cachedData = readFileSync(cacheFile);
@@ -53,21 +58,22 @@ function runBundle() {
   return true;
 }
 
-function bundleFresh() {
+/** The bundle's stamp while every dist/ file it was made from is unchanged, else undefined. */
+function freshStamp() {
   try {
     const stamp = JSON.parse(readFileSync(path.join(root, 'dist', 'bundle', 'cli', 'stamp.json'), 'utf8'));
-    if (stamp.v !== 2) return false;
+    if (stamp.v !== 2) return undefined;
     for (const [rel, want] of stamp.inputs) {
       const st = statSync(path.join(root, rel), { throwIfNoEntry: false });
-      if (!st || !want || st.size !== want[0] || st.mtimeMs !== want[1]) return false;
+      if (!st || !want || st.size !== want[0] || st.mtimeMs !== want[1]) return undefined;
     }
     // A kind added to (or removed from) dist/ since: discovery must see it.
     for (const [dir, files] of Object.entries(stamp.kinds)) {
       const now = readdirSync(path.join(root, 'dist', dir)).filter((f) => f.endsWith('.js') && !f.startsWith('_')).sort();
-      if (now.join('/') !== files.join('/')) return false;
+      if (now.join('/') !== files.join('/')) return undefined;
     }
-    return true;
+    return stamp;
   } catch {
-    return false;
+    return undefined;
   }
 }

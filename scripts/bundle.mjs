@@ -7,7 +7,7 @@
 // dist/ file it was built from is unchanged (stamp.json); after a bare `tsc` it
 // runs dist/src/cli/cli.js as before.
 import { build } from 'esbuild';
-import { readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
@@ -55,6 +55,12 @@ try {
     outfile: path.join(OUT, 'cli.cjs'),
     metafile: true,
     logLevel: 'warning',
+    // No comments or indentation (names are kept): ~27% less to read at every start, and
+    // ASCII only (non-ASCII in strings is escaped), so bin/pipeline.js reads it as latin1,
+    // several ms faster than decoding UTF-8. PIPELINE_NO_BUNDLE=1 runs dist/ for readable stacks.
+    minifyWhitespace: true,
+    legalComments: 'none',
+    charset: 'ascii',
     // bin/pipeline.js passes the bundle's own file URL in (import.meta does not exist in CommonJS).
     define: { 'import.meta.url': '__pipeline_import_meta_url' },
   });
@@ -72,4 +78,6 @@ const inputs = Object.keys(r.metafile.inputs)
     const st = statSync(p, { throwIfNoEntry: false });
     return [path.relative(ROOT, p), st ? [st.size, st.mtimeMs] : null];
   });
-writeFileSync(path.join(OUT, 'stamp.json'), JSON.stringify({ v: 2, kinds, inputs }));
+// ascii: the launcher may read the bundle as latin1 (the same string, decoded faster).
+const ascii = !/[^\x00-\x7f]/.test(readFileSync(path.join(OUT, 'cli.cjs'), 'latin1'));
+writeFileSync(path.join(OUT, 'stamp.json'), JSON.stringify({ v: 2, kinds, inputs, ascii }));

@@ -7,12 +7,15 @@
 // so it is not a host tool: it comes from the `tools` input, a rootfs tarball built
 // by the engine's own mmdebstrap stage (cached and keyed like any stage), and runs
 // through that root's own dynamic loader with --library-path. No chroot, no mounts.
-import { lstat, mkdir, open, readdir, readFile, readlink, rename, rm, stat } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { type BigIntStats, closeSync, fstatSync, linkSync, lstatSync, mkdirSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs';
+import { lstat, mkdir, open, readdir, readFile, readlink, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { z } from 'zod';
 import { dumpLines, MAX_INLINE, objectPath } from '../src/lib/composefs-dump.js';
-import { FsVerityHasher, hashFile } from '../src/lib/digest.js';
+import { FsVerityHasher, hashBytes, hashFile } from '../src/lib/digest.js';
+import { noteOutputDigests, storedBlob } from '../src/engine/cache.js';
 import { stageFailure } from '../src/lib/stage-failure.js';
 import { defineStage, specPath, StageError, type RunContext, type SpecPathRule, type StageInput } from '../src/stage.js';
 import { resolveSpecPath } from '../src/engine/assets.js';
@@ -157,19 +160,38 @@ export interface StoreResult {
   bytes: number;
 }
 
+/** Objects up to this size are read whole into memory (one read, hashed, then written or linked); bigger ones are streamed. */
+const WHOLE_MAX = 64 << 20;
+/** Up to this size the object's file work is done with synchronous calls: a thread-pool round trip costs more than the syscall. */
+const SYNC_MAX = 1 << 20;
+
 /**
  * Write every regular file bigger than MAX_INLINE once, as objects/xx/<rest> named
- * by its fs-verity digest (one read: the digest is computed while copying), and
- * collect the content of the small files that the image inlines.
+ * by its fs-verity digest, and collect the content of the small files that the
+ * image inlines. Each object is read once from the tar; its sha256 and fs-verity
+ * digest come from that one buffer and are handed to the cache (noteOutputDigests),
+ * so the commit does not read it again. When the cache already holds a blob with
+ * that sha256 and the same bytes (compared, not assumed), it is hard-linked instead
+ * of written: a rebuild over an unchanged rootfs writes no object bytes.
  */
 export async function writeObjectStore(tree: FsTree, rootfsTar: string, objectsDir: string): Promise<StoreResult> {
   const reader = new ContentReader(rootfsTar);
   const digests = new Map<Inode, string>();
   const inline = new Map<Inode, Buffer>();
   const seen = new Set<string>();
+  const made = new Set<string>();
+  const scratch: Scratch = { buf: Buffer.alloc(0) };
   let bytes = 0;
   const tmp = join(objectsDir, '.incoming');
   await mkdir(objectsDir, { recursive: true });
+  const destFor = (dg: string) => {
+    const d = join(objectsDir, dg.slice(0, 2));
+    if (!made.has(d)) {
+      mkdirSync(d, { recursive: true });
+      made.add(d);
+    }
+    return join(objectsDir, objectPath(dg));
+  };
   try {
     for (const p of tree.paths()) {
       const n = tree.get(p)!;
@@ -180,27 +202,45 @@ export async function writeObjectStore(tree: FsTree, rootfsTar: string, objectsD
         inline.set(n, Buffer.concat(parts));
         continue;
       }
-      const fv = new FsVerityHasher();
-      const fh = await open(tmp, 'w');
-      try {
-        for await (const c of reader.read(n)) {
-          fv.update(c);
-          let off = 0;
-          while (off < c.length) off += (await fh.write(c, off, c.length - off)).bytesWritten;
-        }
-        // No fsync per object: thousands of them cost seconds; the engine publishes
-        // the finished directory as a whole.
-      } finally {
-        await fh.close();
+      if (n.size > WHOLE_MAX) {
+        const h = await streamObject(reader, n, tmp);
+        if (h.size !== n.size) throw new TarError(`${showPath(p)}: expected ${n.size} bytes, read ${h.size}`);
+        const dg = h.fsverity!;
+        digests.set(n, dg);
+        if (seen.has(dg)) continue; // same content already stored; tmp is overwritten next time
+        seen.add(dg);
+        bytes += n.size;
+        const dest = destFor(dg);
+        await rename(tmp, dest);
+        noteOutputDigests(dest, { size: h.size, sha256: h.sha256, fsverity: dg });
+        continue;
       }
-      if (fv.size !== n.size) throw new TarError(`${showPath(p)}: expected ${n.size} bytes, read ${fv.size}`);
-      const dg = fv.digestHex();
+      const parts: Buffer[] = [];
+      for await (const c of reader.read(n)) parts.push(c);
+      const data = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+      if (data.length !== n.size) throw new TarError(`${showPath(p)}: expected ${n.size} bytes, read ${data.length}`);
+      const h = hashBytes(data, { fsverity: true });
+      const dg = h.fsverity!;
       digests.set(n, dg);
-      if (seen.has(dg)) continue; // same content already stored; tmp is overwritten next time
+      if (seen.has(dg)) continue; // same content already stored
       seen.add(dg);
       bytes += n.size;
-      await mkdir(join(objectsDir, dg.slice(0, 2)), { recursive: true });
-      await rename(tmp, join(objectsDir, objectPath(dg)));
+      const dest = destFor(dg);
+      const blob = storedBlob(objectsDir, h.sha256);
+      let st = blob ? linkIfSame(blob, data, dest, scratch) : undefined;
+      if (!st) {
+        try {
+          // No fsync per object: the cache's commit makes the output durable.
+          if (data.length <= SYNC_MAX) writeFileSync(dest, data, { flag: 'wx' });
+          else await writeFile(dest, data, { flag: 'wx' });
+        } catch (e) {
+          // Already there: a layer sharing an object with the base (same digest, same bytes, already noted).
+          if ((e as NodeJS.ErrnoException).code === 'EEXIST') continue;
+          throw e;
+        }
+        st = lstatSync(dest, { bigint: true });
+      }
+      noteOutputDigests(dest, { size: h.size, sha256: h.sha256, fsverity: dg }, st);
     }
   } finally {
     await rm(tmp, { force: true });
@@ -209,8 +249,71 @@ export async function writeObjectStore(tree: FsTree, rootfsTar: string, objectsD
   return { digests, inline, objects: seen.size, bytes };
 }
 
+/** Copy a big object to tmp, hashing it on the way (sha256 and fs-verity). */
+async function streamObject(reader: ContentReader, n: Inode, tmp: string) {
+  const fv = new FsVerityHasher();
+  const sha = createHash('sha256');
+  const fh = await open(tmp, 'w');
+  try {
+    for await (const c of reader.read(n)) {
+      fv.update(c);
+      sha.update(c);
+      let off = 0;
+      while (off < c.length) off += (await fh.write(c, off, c.length - off)).bytesWritten;
+    }
+  } finally {
+    await fh.close();
+  }
+  return { size: fv.size, sha256: sha.digest('hex'), fsverity: fv.digestHex() };
+}
+
+/** A read buffer reused from object to object (grown as needed). */
+interface Scratch {
+  buf: Buffer;
+}
+
+/**
+ * Hard-link blob to dest if it holds exactly data (read and compared: a blob is
+ * trusted only as far as its bytes), and return dest's stat. The link must be the
+ * inode that was read, unchanged (size and mtime) since; otherwise dest is removed.
+ * Undefined when nothing was linked (no such blob, other bytes, dest exists).
+ */
+function linkIfSame(blob: string, data: Buffer, dest: string, scratch: Scratch): BigIntStats | undefined {
+  let fd: number;
+  try {
+    fd = openSync(blob, 'r');
+  } catch {
+    return undefined;
+  }
+  try {
+    const st = fstatSync(fd, { bigint: true });
+    if (!st.isFile() || st.size !== BigInt(data.length)) return undefined;
+    if (scratch.buf.length < data.length) scratch.buf = Buffer.allocUnsafe(Math.max(data.length, 1 << 20));
+    const buf = scratch.buf.subarray(0, data.length);
+    // Synchronous even for the biggest (WHOLE_MAX) objects: a page-cache read of
+    // tens of MiB blocks for milliseconds, and it is the same inode as st.
+    for (let off = 0; off < buf.length; ) {
+      const r = readSync(fd, buf, off, buf.length - off, off);
+      if (r === 0) return undefined;
+      off += r;
+    }
+    if (!buf.equals(data)) return undefined;
+    try {
+      linkSync(blob, dest);
+    } catch {
+      return undefined; // another device, too many links, dest exists: the caller writes (or skips)
+    }
+    const after = lstatSync(dest, { bigint: true });
+    if (after.dev === st.dev && after.ino === st.ino && after.size === st.size && after.mtimeNs === st.mtimeNs) return after;
+    rmSync(dest, { force: true });
+    return undefined;
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /** composefs-dump of tree -> mkcomposefs -> image; returns the image's fs-verity digest (checked against our own). */
-async function buildImage(ctx: RunContext<z.infer<typeof Params>>, tools: ToolsRoot, tree: FsTree, store: StoreResult, image: string, dumpName: string): Promise<string> {
+async function buildImage(ctx: RunContext<z.infer<typeof Params>>, tools: ToolsRoot, tree: FsTree, store: StoreResult, image: string, dumpName: string): Promise<Built> {
   const dump = join(ctx.workDir, dumpName);
   const fh = await open(dump, 'w');
   try {
@@ -234,9 +337,26 @@ async function buildImage(ctx: RunContext<z.infer<typeof Params>>, tools: ToolsR
   const printed = r.stdout.trim();
   if (!/^[0-9a-f]{64}$/.test(printed)) throw new StageError(`mkcomposefs printed no digest (got ${JSON.stringify(printed.slice(0, 200))})`);
   // mkcomposefs's digest of its image must be the fs-verity digest of the file we keep.
-  const own = (await hashFile(image, { fsverity: true })).fsverity;
-  if (own !== printed) throw new StageError(`mkcomposefs reported image digest ${printed}, but the image file's fs-verity digest is ${own}`);
-  return printed;
+  const before = lstatSync(image, { bigint: true });
+  const h = await hashFile(image, { fsverity: true });
+  if (h.fsverity !== printed) throw new StageError(`mkcomposefs reported image digest ${printed}, but the image file's fs-verity digest is ${h.fsverity}`);
+  return { digest: printed, hashed: { ...h, fsverity: printed }, before };
+}
+
+/**
+ * Hand an image's digests (hashed when buildImage checked it) to the cache, once it
+ * has its final name, if it is still the inode that was hashed, unchanged.
+ */
+function noteImage(file: string, b: Built): void {
+  const st = lstatSync(file, { bigint: true });
+  if (st.ino === b.before.ino && st.dev === b.before.dev && st.size === b.before.size && st.mtimeNs === b.before.mtimeNs) noteOutputDigests(file, b.hashed);
+}
+
+interface Built {
+  digest: string;
+  hashed: { size: number; sha256: string; fsverity: string };
+  /** The image's stat before it was hashed. */
+  before: BigIntStats;
 }
 
 export default defineStage({
@@ -261,12 +381,16 @@ export default defineStage({
     const objects = join(ctx.outDir, 'objects');
     const image = join(ctx.outDir, 'image.cfs');
     try {
-      const tree = await readTarTree(rootfsTar);
       const t0 = Date.now();
+      const tree = await readTarTree(rootfsTar);
+      const t1 = Date.now();
       const store = await writeObjectStore(tree, rootfsTar, objects);
-      ctx.log(`composefs: ${store.objects} objects (${store.bytes} bytes), ${store.inline.size} inlined files, ${Date.now() - t0} ms`);
-
-      const printed = await buildImage(ctx, tools, tree, store, image, 'tree.dump');
+      const t2 = Date.now();
+      const built = await buildImage(ctx, tools, tree, store, image, 'tree.dump');
+      noteImage(image, built);
+      const printed = built.digest;
+      // Phase times, for profiling (the object store: one read, hash, then write or link).
+      ctx.log(`composefs: ${store.objects} objects (${store.bytes} bytes), ${store.inline.size} inlined files; tree read ${t1 - t0} ms, object store ${t2 - t1} ms, image ${Date.now() - t2} ms`);
 
       // Layers: same object store, one image each, named by its digest.
       const layers: { dir: string; priority: number; digest: string; objects: number }[] = [];
@@ -279,8 +403,11 @@ export default defineStage({
         await mkdir(join(ctx.outDir, 'layers'), { recursive: true });
         // Named once its digest is known (the engine drops outDir if anything fails).
         const tmpImage = join(ctx.outDir, 'layers', `.building-${l.priority}`);
-        const digest = await buildImage(ctx, tools, ltree, lstore, tmpImage, `layer-${l.priority}.dump`);
-        await rename(tmpImage, join(ctx.outDir, 'layers', `${digest}.cfs`));
+        const lbuilt = await buildImage(ctx, tools, ltree, lstore, tmpImage, `layer-${l.priority}.dump`);
+        const digest = lbuilt.digest;
+        const final = join(ctx.outDir, 'layers', `${digest}.cfs`);
+        await rename(tmpImage, final);
+        noteImage(final, lbuilt);
         layers.push({ dir: l.dir, priority: l.priority, digest, objects: lstore.objects });
       }
       ctx.setMeta({

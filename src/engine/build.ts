@@ -1,6 +1,6 @@
 // Orchestration (I/O): load the spec, gather facts, compile, run, publish.
 // The CLI commands are thin wrappers around these functions.
-import { constants as fsConstants, existsSync, promises as fs, readFileSync } from 'node:fs';
+import { constants as fsConstants, existsSync, promises as fs, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { assetDigests, checkSpecPaths } from './assets.js';
@@ -9,7 +9,8 @@ import { compile, diffParts, requirements, type LockProvider, type Plan } from '
 import { resolveEpoch, type EpochSource } from './epoch.js';
 import { BuildError, SpecError, UsageError } from './errors.js';
 import { loadKinds, PACKAGE_ROOT, type Kinds } from './kinds.js';
-import { publish, unchangedPublication, type Published } from './publish.js';
+import { prefetchStampTrees, publish, unchangedPublication, type Published } from './publish.js';
+import { within } from './fsutil.js';
 import { runPlan, type Reporter, type RunOutcome } from './scheduler.js';
 import type { RemoteStore } from './remote.js';
 import { loadSpecFile, type LoadedSpec } from './spec.js';
@@ -143,6 +144,7 @@ export interface BuildResult {
 }
 
 export async function build(opts: BuildOptions): Promise<BuildResult> {
+  prefetchPublished(opts);
   await checkOutDir(path.resolve(opts.outDir ?? 'images'));
   const prepared = await prepare({ ...opts, forRun: true });
   const { plan, cache, loaded } = prepared;
@@ -207,6 +209,29 @@ export async function build(opts: BuildOptions): Promise<BuildResult> {
     );
   }
   return { prepared, outcome, published };
+}
+
+/**
+ * The no-op check of a big published tree (a composefs store) walks it in a child
+ * process: started here, it runs beside the spec loading, tool probing and record
+ * reading that come first. Names that are no variant, or nothing stamped, start nothing.
+ */
+function prefetchPublished(opts: BuildOptions): void {
+  try {
+    const outRoot = path.resolve(opts.outDir ?? 'images');
+    const memoDir = path.join(opts.cacheDir ? path.resolve(opts.cacheDir) : defaultCacheRoot(), 'published');
+    const names = opts.all ? readdirSync(outRoot) : opts.variants;
+    const dests = names.flatMap((v) => {
+      try {
+        return [within(within(outRoot, v), opts.arch)];
+      } catch {
+        return [];
+      }
+    });
+    prefetchStampTrees(memoDir, dests);
+  } catch {
+    /* only a head start: the check itself runs later either way */
+  }
 }
 
 /**

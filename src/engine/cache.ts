@@ -14,21 +14,23 @@
 //   debs/sha256/<hex>.deb   .debs locks name (src/lock/); debs/roots/ lists the locks gc keeps them for
 //   tmp/                    staging; same filesystem so commits are renames; every
 //                           name carries its owner's pid and process start time
-// An entry appears only when complete: blobs are fsynced and renamed first, the
-// record last. A crash leaves at most unreferenced blobs, which `gc` removes.
+// An entry appears only when complete: blobs are made durable (an fsync each, or one
+// syncfs for a many-file output) and renamed first, the record last. A crash leaves
+// at most unreferenced blobs, which `gc` removes.
 //
 // Nothing read back from the store is trusted on its face: a record must parse,
 // describe the key it is filed under and match its seal; a blob must hash to its
 // name (or carry an unchanged stat fingerprint); a tree must be hardlinks to
 // verified blobs. Anything else is a miss (rebuilt), never a published byte.
 import { randomBytes } from 'node:crypto';
-import { constants as fsc, lstatSync, readFileSync, promises as fs } from 'node:fs';
+import { closeSync, constants as fsc, existsSync, fstatSync, lstatSync, mkdirSync, openSync, readFileSync, readSync, rmSync, utimesSync, promises as fs, type BigIntStats } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pLimit from 'p-limit';
 import { canonicalize, sha256 } from './canonical.js';
 import { keyOf, type KeyParts, type Plan } from './compile.js';
 import { safeRemove } from './fsutil.js';
+import { runProcess } from './process.js';
 import { hashFile } from '../lib/digest.js';
 
 export interface FileRecord {
@@ -201,6 +203,73 @@ function trustedRecord(key: string, text: string): Entry | undefined {
   }
 }
 
+/** Records above this size are vouched-for lazily (lazyTrustedRecord); memos above it are read only for their header. */
+const LAZY_BYTES = 64 * 1024;
+
+/**
+ * A big vouched-for record (a composefs store's, ~3 MB) as an entry whose fields
+ * are parsed on first use: a no-op build whose publication is unchanged only needs
+ * its key and record digest, and the parse (plus the garbage of 16k file objects)
+ * was a tenth of it. The bytes are held as read, so the fields are the ones the
+ * memo vouched for. Only a memo forged to the digest of a bad record could make
+ * the deferred parse fail: then the record is dropped and the access throws
+ * CacheCorruptError (a miss in verify, like any corrupt entry).
+ */
+function lazyTrustedRecord(key: string, bytes: Buffer, onBad: () => void): Entry {
+  let v: Entry | undefined;
+  const load = (): Entry => {
+    if (v) return v;
+    const e = trustedRecord(key, bytes.toString('utf8'));
+    if (!e) {
+      onBad();
+      throw new CacheCorruptError(`cache record for entry ${key.slice(0, 12)} is not what its verified memo vouched for; dropped, it will be rebuilt`, [key]);
+    }
+    return (v = e);
+  };
+  const entry = { key } as Entry;
+  for (const f of ['kind', 'stage', 'parts', 'files', 'meta'] as const) {
+    Object.defineProperty(entry, f, {
+      enumerable: true,
+      configurable: true,
+      get: () => load()[f],
+      // A caller that replaces a field gets a plain data property, as on any entry.
+      set: (x: unknown) => Object.defineProperty(entry, f, { value: x, enumerable: true, writable: true, configurable: true }),
+    });
+  }
+  return entry;
+}
+
+/**
+ * An entry memo's record digest, reading only its header when the memo is big (a
+ * composefs entry's lists ~16k blobs, 2 MB: verify reads it whole if it needs the
+ * lines). `text` is the whole memo when it was small enough to read at once.
+ */
+function readMemoHead(file: string, key: string): { record?: string; text?: string } {
+  let fd: number;
+  try {
+    fd = openSync(file, 'r');
+  } catch {
+    return { text: '' };
+  }
+  try {
+    const size = fstatSync(fd).size;
+    const buf = Buffer.allocUnsafe(size <= LAZY_BYTES ? size : 256);
+    let n = 0;
+    while (n < buf.length) {
+      const r = readSync(fd, buf, n, buf.length - n, n);
+      if (r === 0) break;
+      n += r;
+    }
+    if (size > LAZY_BYTES) return { record: memoRecord(key, buf.toString('latin1', 0, n)) };
+    const text = buf.toString('utf8', 0, n);
+    return { record: memoRecord(key, text), text };
+  } catch {
+    return { text: '' };
+  } finally {
+    closeSync(fd);
+  }
+}
+
 export class Cache {
   /**
    * Blobs this process checked (hashed, or found under an entry memo): sha -> memo
@@ -213,7 +282,9 @@ export class Cache {
   /** key -> the entry memo as readRecord found it, so verify does not read it again. */
   private readonly memoTexts = new Map<string, string>();
 
-  constructor(readonly root: string) {}
+  constructor(readonly root: string) {
+    CACHE_ROOTS.add(path.resolve(root));
+  }
 
   private entryPath(key: string) {
     return path.join(this.root, 'entries', `${key}.json`);
@@ -245,27 +316,39 @@ export class Cache {
   }
 
   async init(): Promise<void> {
-    await Promise.all(['blobs/sha256', 'entries', 'trees', 'history', 'verified', 'tmp'].map((d) => fs.mkdir(path.join(this.root, d), { recursive: true })));
+    // Synchronous: on an existing cache (every build but the first) each is one failing
+    // mkdir, cheaper than a thread-pool round trip; a no-op build pays for every one.
+    for (const d of ['blobs/sha256', 'entries', 'trees', 'history', 'verified', 'tmp']) mkdirSync(path.join(this.root, d), { recursive: true });
   }
 
   /** The record filed under key: undefined when absent; a record that fails its checks is removed and is a miss. */
   private async readRecord(key: string): Promise<Entry | undefined> {
-    let text: string;
+    // Read at once (one syscall each from the page cache, no thread-pool round trips
+    // for a 3 MB record) and hashed as bytes: the digest is the same as of the text.
+    let bytes: Buffer;
     try {
-      text = await fs.readFile(this.entryPath(key), 'utf8');
+      bytes = readFileSync(this.entryPath(key));
     } catch {
       return undefined;
     }
-    const memo = await fs.readFile(this.memoPath(key), 'utf8').catch(() => '');
-    this.memoTexts.set(key, memo);
-    const digest = sha256(text);
-    if (memoRecord(key, memo) === digest) {
-      const e = trustedRecord(key, text);
+    const memo = readMemoHead(this.memoPath(key), key);
+    // A big memo is left for verify to read, only if it runs for this entry.
+    if (memo.text !== undefined) this.memoTexts.set(key, memo.text);
+    else this.memoTexts.delete(key);
+    const digest = sha256(bytes);
+    if (memo.record === digest) {
+      // The layout commit writes: a record filed under another key is never taken on trust, even lazily.
+      if (bytes.length > LAZY_BYTES && bytes.toString('latin1', 0, 80).startsWith(`{"key":"${key}",`)) {
+        this.recordDigests.set(key, digest);
+        return lazyTrustedRecord(key, bytes, () => this.dropRecordSync(key));
+      }
+      const e = trustedRecord(key, bytes.toString('utf8'));
       if (e) {
         this.recordDigests.set(key, digest);
         return e;
       }
     }
+    const text = bytes.toString('utf8');
     const r = parseRecord(key, text);
     if ('problem' in r) {
       await this.dropRecord(key);
@@ -296,13 +379,8 @@ export class Cache {
   async lookup(key: string): Promise<Entry | undefined> {
     const e = await this.readRecord(key);
     if (!e) return undefined;
-    for (const f of e.files) {
-      try {
-        await fs.access(this.blobPath(f.sha256));
-      } catch {
-        return undefined;
-      }
-    }
+    // Back to back (a composefs entry has ~16k blobs): a thread-pool round trip each cost more than the syscall.
+    for (const f of e.files) if (!existsSync(this.blobPath(f.sha256))) return undefined;
     return e;
   }
 
@@ -324,7 +402,12 @@ export class Cache {
   /** Mark an entry as used now (LRU). */
   async touch(key: string): Promise<void> {
     const now = new Date();
-    await fs.utimes(this.entryPath(key), now, now).catch(() => {});
+    // One syscall: synchronous (see init), done for every entry a build used.
+    try {
+      utimesSync(this.entryPath(key), now, now);
+    } catch {
+      /* gone meanwhile: nothing to mark */
+    }
   }
 
   /** End of a build: remember every stage's key parts (for explain) and mark the entries used (LRU). */
@@ -433,15 +516,24 @@ export class Cache {
     return (await this.hashBlob(sha, size, line)).ok;
   }
 
+  /** The blob named sha is the inode st describes, unchanged since st was taken. */
+  private isBlobInode(sha: string, st: BigIntStats): boolean {
+    const b = lstatSync(this.blobPath(sha), { bigint: true, throwIfNoEntry: false });
+    return b !== undefined && b.isFile() && fingerprint(b) === fingerprint(st);
+  }
+
   /** Remember an entry's blobs as checked now (all just hashed, or checked by this process). */
   private async writeEntryMemo(entry: Entry): Promise<void> {
     const lines: string[] = [];
-    for (const sha of new Set(entry.files.map((f) => f.sha256))) {
+    // sha -> size of its first file (a composefs entry has ~12k: no search per blob).
+    const sizes = new Map<string, number>();
+    for (const f of entry.files) if (!sizes.has(f.sha256)) sizes.set(f.sha256, f.size);
+    for (const [sha, size] of sizes) {
       const line = this.checked.get(sha);
+      if (!line) continue;
       const st = lstatSync(this.blobPath(sha), { bigint: true, throwIfNoEntry: false });
-      const size = entry.files.find((f) => f.sha256 === sha)!.size;
       // Changed since it was checked (or never checked here): leave it out; it is re-hashed next time.
-      if (!line || !st || memoLine(sha, size, st) !== line) continue;
+      if (!st || memoLine(sha, size, st) !== line) continue;
       lines.push(line);
     }
     const record = this.recordDigests.get(entry.key) ?? memoRecord(entry.key, this.memoTexts.get(entry.key) ?? '');
@@ -453,6 +545,14 @@ export class Cache {
     this.memoTexts.set(key, text);
     await writeAtomic(this.memoPath(key), text, this.tmpDir(), { durable: false }).catch(() => {});
   }
+  /** A record and its memo gone now, from a getter (lazyTrustedRecord) that cannot wait; its tree is re-made when used. */
+  private dropRecordSync(key: string): void {
+    rmSync(this.entryPath(key), { force: true });
+    rmSync(this.memoPath(key), { force: true });
+    this.memoTexts.delete(key);
+    this.recordDigests.delete(key);
+  }
+
   /** Remove a record and its tree; the next build rebuilds it. */
   async dropRecord(key: string): Promise<void> {
     await fs.rm(this.entryPath(key), { force: true });
@@ -579,32 +679,60 @@ export class Cache {
       rels.map((rel) =>
         limit(async () => {
           const abs = path.join(outDir, rel);
-          const st = await fs.stat(abs);
-          const h = await hashFile(abs, { fsverity: true });
-          return { abs, rec: { path: rel, size: h.size, sha256: h.sha256, fsverity: h.fsverity!, executable: (st.mode & 0o111) !== 0 } };
+          const st = lstatSync(abs, { bigint: true });
+          // Digests the stage noted for exactly this file (same inode, size, times) are
+          // not read again; everything else is hashed here.
+          const noted = takeNoted(abs, st);
+          const h = noted ?? (await hashFile(abs, { fsverity: true }));
+          return { abs, st, noted: noted !== undefined, rec: { path: rel, size: h.size, sha256: h.sha256, fsverity: h.fsverity!, executable: (st.mode & 0o111n) !== 0n } };
         }),
       ),
     );
     const files: FileRecord[] = hashed.map((h) => h.rec);
     const firstOf = new Set<string>();
+    const toStore: { abs: string; rec: FileRecord }[] = [];
     await Promise.all(
-      hashed.map(({ abs, rec }) => {
+      hashed.map(({ abs, st, noted, rec }) => {
         // Two files of one entry with the same bytes: one blob, stored by the first.
         if (firstOf.has(rec.sha256)) return fs.rm(abs);
         firstOf.add(rec.sha256);
         return limit(async () => {
+          // A hard link to the blob itself whose bytes the stage compared with the bytes
+          // it hashed (noteOutputDigests after linking): the blob holds them, no read.
+          if (noted && this.isBlobInode(rec.sha256, st)) {
+            this.checked.set(rec.sha256, memoLine(rec.sha256, rec.size, st));
+            return fs.rm(abs);
+          }
           // An existing blob of the same name is kept only when it is what its name says
           // (trees linked to it stay valid); else the fresh bytes are renamed over it.
           if (await this.blobHolds(rec.sha256, rec.size)) return fs.rm(abs);
-          await fsyncFile(abs);
-          await fs.chmod(abs, 0o444);
+          toStore.push({ abs, rec });
+        });
+      }),
+    );
+    // A blob name never holds bytes a crash could lose: each file is durable before it
+    // is renamed into blobs/ (and so before the record, written last). Few files: an
+    // fsync each. Many (a composefs store has ~12k new objects on a first build, and
+    // one fsync costs ~3.7 ms here): one syncfs of the cache's filesystem for all.
+    const batch = toStore.length >= SYNCFS_MIN;
+    if (batch) {
+      await Promise.all(toStore.map(({ abs }) => limit(() => fs.chmod(abs, 0o444))));
+      await syncFilesystem(outDir);
+    }
+    await Promise.all(
+      toStore.map(({ abs, rec }) =>
+        limit(async () => {
+          if (!batch) {
+            await fsyncFile(abs);
+            await fs.chmod(abs, 0o444);
+          }
           const blob = this.blobPath(rec.sha256);
           await fs.mkdir(path.dirname(blob), { recursive: true });
           await fs.rename(abs, blob);
           // Just hashed: remember it (the entry memo below), so the next build does not read it again.
           this.checked.set(rec.sha256, memoLine(rec.sha256, rec.size, await fs.lstat(blob, { bigint: true })));
-        });
-      }),
+        }),
+      ),
     );
     // An entry imported from elsewhere (the remote cache) must be exactly what its
     // record said, fs-verity digests and modes included; else no record is written
@@ -631,7 +759,13 @@ export class Cache {
     const file = path.join(this.root, 'history', spec, arch, `${stage}.json`);
     const text = canonicalize({ key, parts });
     // (issue 10) A no-op build rewrites (and fsyncs) nothing: the history is unchanged.
-    if ((await fs.readFile(file, 'utf8').catch(() => undefined)) === text) return;
+    let old: string | undefined;
+    try {
+      old = readFileSync(file, 'utf8'); // small, and read on every build: no thread-pool round trips
+    } catch {
+      /* none yet */
+    }
+    if (old === text) return;
     await fs.mkdir(path.dirname(file), { recursive: true });
     await writeAtomic(file, text, this.tmpDir());
   }
@@ -954,8 +1088,78 @@ export async function listFiles(dir: string, stage: string): Promise<string[]> {
   return out.sort();
 }
 
+/** Roots of the caches this process opened (storedBlob looks for blobs in them). */
+const CACHE_ROOTS = new Set<string>();
+
+type Fingerprinted = { dev: bigint; ino: bigint; size: bigint; mtimeNs: bigint; ctimeNs: bigint };
+const fingerprint = (st: Fingerprinted) => `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
+
+interface Noted {
+  fingerprint: string;
+  digests: { size: number; sha256: string; fsverity: string };
+}
+/** Output file (absolute path) -> digests its stage noted; taken (and dropped) by commit. */
+const NOTED = new Map<string, Noted>();
+
+/**
+ * For a stage that computed a file's digests from the very bytes it wrote to it (or
+ * proved byte for byte equal to them): commit then takes the digests instead of
+ * reading the file again. Call it once the file is final (written, closed, renamed
+ * or linked); the file's stat is taken now, and commit uses the digests only if
+ * the file still has that stat (any later write, chmod, rename or link moves ctime),
+ * else it hashes the file as usual.
+ */
+export function noteOutputDigests(file: string, digests: { size: number; sha256: string; fsverity: string }, stat?: BigIntStats): void {
+  if (!HEX64.test(digests.sha256) || !HEX64.test(digests.fsverity)) throw new Error(`noteOutputDigests: malformed digests for ${file}`);
+  // stat: the caller's lstat of the final file, taken just now (saves one per object).
+  const st = stat ?? lstatSync(file, { bigint: true });
+  if (!st.isFile() || st.size !== BigInt(digests.size)) throw new Error(`noteOutputDigests: ${file} is not a ${digests.size}-byte regular file`);
+  // Only a cache's staging area is ever committed: a note for anything else would never be taken.
+  const abs = path.resolve(file);
+  if (!inStaging(abs)) return;
+  NOTED.set(abs, { fingerprint: fingerprint(st), digests: { size: digests.size, sha256: digests.sha256, fsverity: digests.fsverity } });
+}
+
+/** The noted digests of file if its stat is still st; the note is used up either way. */
+function takeNoted(file: string, st: BigIntStats): { size: number; sha256: string; fsverity: string } | undefined {
+  const key = path.resolve(file);
+  const n = NOTED.get(key);
+  NOTED.delete(key);
+  return n && n.fingerprint === fingerprint(st) ? n.digests : undefined;
+}
+
+/**
+ * Where the blob named sha is (or would be) in the cache whose staging dir holds
+ * dir (a stage's outDir); undefined when dir is in no cache this process opened.
+ * If it exists, a stage may hard-link it into its output instead of writing the
+ * same bytes again, after comparing it with them (a blob is only as good as its
+ * last check), and then note the digests.
+ */
+export function storedBlob(dir: string, sha: string): string | undefined {
+  if (!HEX64.test(sha)) return undefined;
+  const root = inStaging(path.resolve(dir));
+  return root === undefined ? undefined : path.join(root, 'blobs', 'sha256', sha.slice(0, 2), sha);
+}
+
+/** The root of the opened cache whose tmp/ holds the absolute path p, if any. */
+function inStaging(p: string): string | undefined {
+  for (const root of CACHE_ROOTS) if (p.startsWith(path.join(root, 'tmp') + path.sep)) return root;
+  return undefined;
+}
+
 /** Files hashed and stored side by side in one commit. */
 const COMMIT_PARALLEL = 8;
+
+/** From this many new blobs in one commit, one syncfs replaces an fsync per file. */
+export const SYNCFS_MIN = 64;
+
+/**
+ * syncfs(2) of the filesystem holding dir: every dirty file on it reaches the disk
+ * (coreutils `sync -f`; Node has no binding). A failure throws: nothing is renamed.
+ */
+async function syncFilesystem(dir: string): Promise<void> {
+  await runProcess('sync', ['-f', dir]);
+}
 
 async function fsyncFile(p: string): Promise<void> {
   const fh = await fs.open(p, 'r');

@@ -176,7 +176,9 @@ export function requirements(loaded: LoadedSpec, arch: string, variants: string[
       assetOwners[a] ??= name;
     }
   }
-  return { stages: t.order, tools: [...tools.values()].sort((a, b) => a.name.localeCompare(b.name)), assets: [...assets].sort(), assetOwners };
+  // Byte-wise, not localeCompare: the same under any locale, and the first
+  // localeCompare of a process builds ICU's collator (~5-9 ms of a no-op build).
+  return { stages: t.order, tools: [...tools.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0)), assets: [...assets].sort(), assetOwners };
 }
 
 export function compile(loaded: LoadedSpec, arch: string, variants: string[], kinds: Kinds, facts: Facts): Plan {

@@ -6,13 +6,18 @@ import jsyaml from 'js-yaml';
 import { createRequire } from 'node:module';
 import type * as Yaml from 'yaml';
 import type { Document, Node as YamlNode } from 'yaml';
-import type { z } from 'zod';
+import { config as zodConfig, type z } from 'zod';
 import { SpecSchema, type Spec, type StageSpec } from '../../schema/spec.js';
 import { sha256 } from './canonical.js';
 import { SpecError, type SpecIssue, type SourceLocation } from './errors.js';
 import type { Arch, StageModule } from '../stage.js';
 
 export type Kinds = ReadonlyMap<string, StageModule>;
+
+// A CLI run parses a spec (and each stage's params) once: zod's JIT (a generated
+// function per object schema) costs more to build than it saves on one parse,
+// and V8's code cache cannot keep it. Same results, interpreted.
+zodConfig({ jitless: true });
 
 // The yaml library (positions, error recovery) is needed only when something must
 // be located: loaded on first use, it costs a valid spec's fast path nothing.

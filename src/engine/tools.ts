@@ -1,7 +1,7 @@
 // Host tools a build runs: where they are, their versions (part of every cache key,
 // memoised by binary identity so a warm build spawns nothing), and the Debian
 // packages that provide them. Used by the build and by `pipeline doctor`.
-import { constants as fsc, promises as fs } from 'node:fs';
+import { accessSync, constants as fsc, promises as fs, readFileSync, realpathSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { sha256File } from '../lib/digest.js';
 import type { ToolSpec } from '../stage.js';
@@ -55,12 +55,22 @@ export function firstMeaningfulLine(text: string): string | undefined {
 }
 
 export async function findOnPath(name: string, pathEnv = process.env.PATH ?? ''): Promise<string | undefined> {
-  const candidates = name.includes('/') ? [name] : pathEnv.split(':').filter(Boolean).map((d) => path.join(d, name));
+  return findOnPathSync(name, pathEnv);
+}
+
+/**
+ * Synchronous on purpose: a build probes ~15 tools over ~10 PATH directories, and
+ * each failed stat through the thread pool cost more than the syscall (a few ms of
+ * every no-op build); these are metadata lookups the kernel answers from its cache.
+ */
+function findOnPathSync(name: string, pathEnv: string): string | undefined {
+  // A plain absolute directory needs no path.join (~150 of them, cold code, on every build).
+  const join = (d: string) => (d[0] === '/' && !d.endsWith('/') && !/\/\.\.?(?:\/|$)|\/\//.test(d) ? `${d}/${name}` : path.join(d, name));
+  const candidates = name.includes('/') ? [name] : pathEnv.split(':').filter(Boolean).map(join);
   for (const c of candidates) {
     try {
-      const st = await fs.stat(c);
-      if (!st.isFile()) continue;
-      await fs.access(c, fsc.X_OK);
+      if (!statSync(c, { throwIfNoEntry: false })?.isFile()) continue;
+      accessSync(c, fsc.X_OK);
       return c;
     } catch {
       // not here
@@ -95,7 +105,7 @@ function memoFile(cacheDir: string): string {
 async function readMemo(cacheDir: string | undefined): Promise<Memo> {
   if (!cacheDir) return {};
   try {
-    const j = JSON.parse(await fs.readFile(memoFile(cacheDir), 'utf8')) as { format?: string; entries?: Memo };
+    const j = JSON.parse(readFileSync(memoFile(cacheDir), 'utf8')) as { format?: string; entries?: Memo };
     if (j.format !== MEMO_FORMAT || !j.entries || typeof j.entries !== 'object') return {};
     // Entries that fail their checksum are dropped: the tool is simply asked again.
     return Object.fromEntries(Object.entries(j.entries).filter(([k, e]) => e && typeof e === 'object' && e.sum === memoSum(k, e)));
@@ -105,8 +115,12 @@ async function readMemo(cacheDir: string | undefined): Promise<Memo> {
 }
 
 async function stampOf(real: string, args: string[]): Promise<string> {
+  return stampOfSync(real, args);
+}
+
+function stampOfSync(real: string, args: string[]): string {
   // ctime catches an in-place rewrite that kept size and mtime (cp --preserve, touch -r).
-  const st = await fs.stat(real, { bigint: true });
+  const st = statSync(real, { bigint: true });
   return JSON.stringify([real, String(st.size), String(st.mtimeNs), String(st.ctimeNs), String(st.ino), String(st.dev), args]);
 }
 
@@ -123,14 +137,14 @@ export async function probeTools(tools: ToolSpec[], cacheDir?: string, pathEnv?:
   let dirty = false;
   const facts = await Promise.all(
     [...unique.values()].map(async (t): Promise<ToolFact> => {
-      const found = await findOnPath(t.name, pathEnv);
+      const found = findOnPathSync(t.name, pathEnv ?? process.env.PATH ?? '');
       if (!found) return { name: t.name, apt: t.apt };
       const args = t.versionArgs ?? ['--version'];
       let real: string;
       let stamp: string;
       try {
-        real = await fs.realpath(found);
-        stamp = await stampOf(real, args);
+        real = realpathSync.native(found); // as fs.promises.realpath: realpath(3)
+        stamp = stampOfSync(real, args);
       } catch (e) {
         return { name: t.name, apt: t.apt, path: found, error: `cannot stat: ${(e as Error).message}` };
       }

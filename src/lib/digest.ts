@@ -201,6 +201,13 @@ export interface HashOptions {
   salt?: Buffer;
 }
 
+/** sha256 and (optionally) fs-verity digest of bytes in memory, e.g. a file about to be written. */
+export function hashBytes(data: Uint8Array, opts: HashOptions = {}): FileDigests {
+  const sha256 = createHash('sha256').update(data).digest('hex');
+  if (!opts.fsverity) return { size: data.byteLength, sha256 };
+  return { size: data.byteLength, sha256, fsverity: new FsVerityHasher({ salt: opts.salt }).update(data).digestHex() };
+}
+
 const CHUNK = 4 << 20;
 /** Below this size starting a helper thread (tens of ms) costs more than it saves. */
 const PARALLEL_MIN = 64 << 20;
